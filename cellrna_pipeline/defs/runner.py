@@ -1,0 +1,137 @@
+"""Run assets in-process, stage by stage, for the command line and the demo.
+
+The Dagster daemon (``cellrna ui``) runs the same definitions through the sensor and the
+queued run coordinator; this module is the synchronous path: it ticks the inbox sensor
+once, applies its partition requests, and materializes selected assets partition by
+partition in topological order, each partition its own Dagster run in the instance.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from dagster import (
+    AssetKey,
+    AssetsDefinition,
+    DagsterInstance,
+    SensorResult,
+    build_sensor_context,
+    materialize,
+)
+
+from cellrna_pipeline.core.errors import InputError
+from cellrna_pipeline.core.experiment import load_experiment
+from cellrna_pipeline.core.paths import DataRoot
+from cellrna_pipeline.defs import ASSETS, CHECKS
+from cellrna_pipeline.defs.partitions import (
+    experiments_partitions,
+    volume_key,
+    volumes_partitions,
+)
+from cellrna_pipeline.defs.resources import DataRootResource
+from cellrna_pipeline.defs.sensors import inbox_sensor
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    """One in-process run: which assets, which partition, whether it succeeded."""
+
+    assets: tuple[str, ...]
+    partition_key: str | None
+    success: bool
+    run_id: str
+    error: str | None = None
+
+
+def register_partitions(instance: DagsterInstance, experiment: str, n_timepoints: int) -> None:
+    """Add the experiment and its volume partitions (idempotent)."""
+    instance.add_dynamic_partitions(experiments_partitions.name, [experiment])
+    keys = [volume_key(experiment, t) for t in range(n_timepoints)]
+    instance.add_dynamic_partitions(volumes_partitions.name, keys)
+
+
+def tick_inbox_sensor(instance: DagsterInstance, root: DataRoot, cursor: str | None = None) -> SensorResult:
+    """Evaluate ``inbox_sensor`` once and apply its dynamic-partition requests."""
+    context = build_sensor_context(
+        instance=instance, cursor=cursor, resources={"data_root": DataRootResource(home=str(root.home))}
+    )
+    result = inbox_sensor(context)
+    if not isinstance(result, SensorResult):
+        return SensorResult(run_requests=[], cursor=cursor)
+    for request in result.dynamic_partitions_requests or []:
+        instance.add_dynamic_partitions(request.partitions_def_name, list(request.partition_keys))
+    return result
+
+
+def _stages(select: Sequence[str] | None) -> list[list[AssetsDefinition]]:
+    """Selected assets in topological order, grouped into runs of one partitions definition."""
+    wanted = {AssetKey.from_user_string(s) for s in select} if select else None
+    known = {a.key for a in ASSETS}
+    if wanted is not None and not wanted <= known:
+        unknown = sorted(k.to_user_string() for k in wanted - known)
+        raise InputError(f"unknown asset(s) {unknown}; known: {sorted(k.to_user_string() for k in known)}")
+    stages: list[list[AssetsDefinition]] = []
+    for asset in ASSETS:  # ASSETS is kept in topological order
+        if wanted is not None and asset.key not in wanted:
+            continue
+        if stages and stages[-1][0].partitions_def == asset.partitions_def:
+            stages[-1].append(asset)
+        else:
+            stages.append([asset])
+    return stages
+
+
+def materialize_experiment(
+    instance: DagsterInstance,
+    root: DataRoot,
+    experiment: str,
+    *,
+    timepoints: Sequence[int] | None = None,
+    select: Sequence[str] | None = None,
+    progress: Callable[[str], None] = lambda _msg: None,
+) -> list[RunSummary]:
+    """Materialize the selected assets (all by default) of one experiment.
+
+    Volume-partitioned assets run once per timepoint (all, or ``timepoints``);
+    experiment-partitioned assets once. Raises :class:`InputError` for an unknown
+    experiment, timepoint or asset; stops at the first failed run.
+    """
+    record = load_experiment(root, experiment)
+    all_t = range(record.n_timepoints)
+    chosen = list(all_t) if timepoints is None else list(timepoints)
+    for t in chosen:
+        if t not in all_t:
+            raise InputError(f"experiment {experiment!r} has timepoints 0-{record.n_timepoints - 1}, not {t}")
+    register_partitions(instance, experiment, record.n_timepoints)
+    resources = {"data_root": DataRootResource(home=str(root.home))}
+    summaries: list[RunSummary] = []
+    for stage in _stages(select):
+        pdef = stage[0].partitions_def
+        if pdef == volumes_partitions:
+            keys: list[str | None] = [volume_key(experiment, t) for t in chosen]
+        elif pdef == experiments_partitions:
+            keys = [experiment]
+        else:
+            keys = [None]
+        names = tuple(a.key.to_user_string() for a in stage)
+        checks = [c for c in CHECKS if any(k.asset_key in {a.key for a in stage} for k in c.check_keys)]
+        for i, key in enumerate(keys, 1):
+            progress(f"{', '.join(names)} [{key or 'unpartitioned'}] ({i}/{len(keys)})")
+            result = materialize(
+                [*ASSETS, *checks],
+                selection=list(stage) + checks,
+                partition_key=key,
+                instance=instance,
+                resources=resources,
+                raise_on_error=False,
+            )
+            error = None
+            if not result.success:
+                failures = result.get_step_failure_events()
+                error = failures[0].step_failure_data.error.message.strip() if failures else "run failed"
+                error = error.splitlines()[-1] if error else "run failed"
+            summaries.append(RunSummary(names, key, result.success, result.run_id, error))
+            if not result.success:
+                return summaries
+    return summaries
