@@ -71,7 +71,9 @@ def cmd_synth(args: argparse.Namespace) -> int:
         "seed": args.seed,
         "timepoints": args.timepoints,
         "shape_zyx": tuple(args.shape) if args.shape else None,
-        "voxel_size_um": tuple(v / 1000 for v in args.voxel_size_nm) if args.voxel_size_nm else None,
+        "voxel_size_um": tuple(v / 1000 for v in args.voxel_size_nm)
+        if args.voxel_size_nm
+        else None,
         "n_cells": args.cells,
         "n_rna_channels": args.rna_channels,
         "snr": args.snr,
@@ -91,6 +93,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
     with atomic_dir(out) as tmp:
         write_acquisition(acq, tmp)
     n_spots = acq.spot_table.height
+    assert acq.image is not None
     print(
         f"wrote {out}: image {tuple(acq.image.shape)} (t,c,z,y,x) {acq.image.dtype}, "
         f"{len(acq.lineage)} tracks, {n_spots} spots, in {time.perf_counter() - start:.1f} s"
@@ -100,16 +103,29 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 def cmd_ingest(args: argparse.Namespace) -> int:
     from cellrna_pipeline.core.experiment import register_experiment
-    from cellrna_pipeline.defs.runner import materialize_experiment
+    from cellrna_pipeline.defs.runner import materialize_experiment, unregister_partitions
 
     root = _root(args).ensure()
+    is_new = not root.experiment_record(args.experiment).exists()
     record = register_experiment(
-        root, args.experiment, Path(args.path), voxel_size=_voxel_size(args.voxel_size_nm), overwrite=args.overwrite
+        root,
+        args.experiment,
+        Path(args.path),
+        voxel_size=_voxel_size(args.voxel_size_nm),
+        overwrite=args.overwrite,
     )
-    _progress(f"registered {record.name}: {record.n_timepoints} timepoints, voxel {record.voxel_size_um} um")
+    _progress(
+        f"registered {record.name}: {record.n_timepoints} timepoints, voxel {record.voxel_size_um} um"
+    )
+    instance = _instance(root)
     runs = materialize_experiment(
-        _instance(root), root, record.name, select=["raw_volume"], progress=_progress
+        instance, root, record.name, select=["raw_volume"], progress=_progress
     )
+    if is_new and not all(r.success for r in runs):
+        # A first ingestion that failed leaves nothing behind: no record, no image, no partitions.
+        root.experiment_record(record.name).unlink(missing_ok=True)
+        shutil.rmtree(root.raw(record.name), ignore_errors=True)
+        unregister_partitions(instance, record.name, record.n_timepoints)
     return _report_runs(runs, f"ingested {record.name} into {root.raw(record.name)}")
 
 
@@ -136,7 +152,11 @@ def _report_runs(runs, ok_message: str) -> int:
     failed = [r for r in runs if not r.success]
     if failed:
         r = failed[0]
-        sys.stderr.write(f"cellrna: run {r.run_id[:8]} of {', '.join(r.assets)} [{r.partition_key}] failed: {r.error}\n")
+        if r.bad_input:
+            raise InputError(r.error or "bad input")
+        sys.stderr.write(
+            f"cellrna: run {r.run_id[:8]} of {', '.join(r.assets)} [{r.partition_key}] failed: {r.error}\n"
+        )
         return 1
     print(f"{ok_message} ({len(runs)} runs)")
     return 0
@@ -146,6 +166,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from cellrna_pipeline.core.experiment import load_experiment
     from cellrna_pipeline.core.io import atomic_dir, timepoints_written
     from cellrna_pipeline.core.synth import SynthConfig, synthesize, write_acquisition
+    from cellrna_pipeline.defs.partitions import parse_volume_key
     from cellrna_pipeline.defs.runner import materialize_experiment, tick_inbox_sensor
 
     start = time.perf_counter()
@@ -161,7 +182,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     marker.write_text("made by cellrna demo; 'cellrna demo' may delete this folder\n")
 
     config = SynthConfig(seed=args.seed, timepoints=args.timepoints)
-    _progress(f"synthesizing a {config.timepoints}-timepoint acquisition {config.shape_zyx} (seed {config.seed})")
+    _progress(
+        f"synthesizing a {config.timepoints}-timepoint acquisition {config.shape_zyx} (seed {config.seed})"
+    )
     acq = synthesize(config)
     with atomic_dir(root.inbox / "demo") as tmp:
         write_acquisition(acq, tmp)
@@ -169,7 +192,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     instance = _instance(root)
     _progress("ticking inbox_sensor")
     result = tick_inbox_sensor(instance, root)
-    experiments = sorted({r.partition_key.split("__t")[0] for r in result.run_requests or []})
+    experiments = sorted(
+        {parse_volume_key(r.partition_key)[0] for r in result.run_requests or [] if r.partition_key}
+    )
     if not experiments:
         sys.stderr.write("cellrna: the inbox sensor found no complete acquisition\n")
         return 1
@@ -182,11 +207,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
     assets = sorted({a for r in runs for a in r.assets})
     print("\n== cellrna demo: summary ==")
     print(f"data root        {root.home}")
-    print(f"experiment       {record.name}: {record.n_timepoints} timepoints, shape (c,z,y,x) "
-          f"{record.shape_tczyx[1:]}, voxel {record.voxel_size_um} um, channels {', '.join(record.channel_names)}")
-    print(f"ground truth     {root.inbox / 'demo' / 'ground_truth'} ({len(acq.lineage)} tracks, {acq.spot_table.height} spots)")
+    print(
+        f"experiment       {record.name}: {record.n_timepoints} timepoints, shape (c,z,y,x) "
+        f"{record.shape_tczyx[1:]}, voxel {record.voxel_size_um} um, channels {', '.join(record.channel_names)}"
+    )
+    print(
+        f"ground truth     {root.inbox / 'demo' / 'ground_truth'} ({len(acq.lineage)} tracks, {acq.spot_table.height} spots)"
+    )
     print(f"assets           {', '.join(assets)} ({len(runs)} runs, all succeeded)")
-    print(f"raw OME-Zarr     {root.raw(record.name)} (timepoints written: {len(timepoints_written(root.raw(record.name)))})")
+    print(
+        f"raw OME-Zarr     {root.raw(record.name)} (timepoints written: {len(timepoints_written(root.raw(record.name)))})"
+    )
     print(f"Dagster UI       CELLRNA_HOME={root.home} cellrna ui   (http://127.0.0.1:3000)")
     print(f"took             {time.perf_counter() - start:.1f} s")
     return 0
@@ -196,10 +227,20 @@ def cmd_ui(args: argparse.Namespace) -> int:
     root = _root(args).ensure()
     _instance(root)  # writes DAGSTER_HOME/dagster.yaml
     dagster = Path(sys.executable).with_name("dagster")
-    cmd = [str(dagster if dagster.exists() else "dagster"), "dev", "-m", "cellrna_pipeline.definitions",
-           "-h", "127.0.0.1", "-p", str(args.port)]
+    cmd = [
+        str(dagster if dagster.exists() else "dagster"),
+        "dev",
+        "-m",
+        "cellrna_pipeline.definitions",
+        "-h",
+        "127.0.0.1",
+        "-p",
+        str(args.port),
+    ]
     env = {**os.environ, "CELLRNA_HOME": str(root.home), "DAGSTER_HOME": str(root.dagster_home)}
-    _progress(f"Dagster UI on http://127.0.0.1:{args.port} (data root {root.home}); Ctrl-C stops it")
+    _progress(
+        f"Dagster UI on http://127.0.0.1:{args.port} (data root {root.home}); Ctrl-C stops it"
+    )
     os.execvpe(cmd[0], cmd, env)
     return 0  # not reached
 
@@ -208,7 +249,10 @@ def cmd_ui(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="cellrna", description="cellrna-pipeline: 3D microscopy of cells and RNA, as Dagster assets.")
+    parser = _Parser(
+        prog="cellrna",
+        description="cellrna-pipeline: 3D microscopy of cells and RNA, as Dagster assets.",
+    )
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     def home_arg(p: argparse.ArgumentParser) -> None:
@@ -217,7 +261,10 @@ def build_parser() -> argparse.ArgumentParser:
     def voxel_arg(p: argparse.ArgumentParser, help: str) -> None:
         p.add_argument("--voxel-size-nm", nargs=3, type=float, metavar=("Z", "Y", "X"), help=help)
 
-    p = sub.add_parser("demo", help="synthesize an acquisition, ingest it, materialize every asset, print a summary")
+    p = sub.add_parser(
+        "demo",
+        help="synthesize an acquisition, ingest it, materialize every asset, print a summary",
+    )
     home_arg(p)
     p.add_argument("--timepoints", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
@@ -227,7 +274,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", help="output folder (must not exist or be empty)")
     p.add_argument("--timepoints", type=int, required=True)
     p.add_argument("--seed", type=int)
-    p.add_argument("--shape", nargs=3, type=int, metavar=("Z", "Y", "X"), help="volume shape in voxels")
+    p.add_argument(
+        "--shape", nargs=3, type=int, metavar=("Z", "Y", "X"), help="volume shape in voxels"
+    )
     voxel_arg(p, "voxel size in nm (default 600 150 150)")
     p.add_argument("--cells", type=int, help="cells at t=0")
     p.add_argument("--rna-channels", type=int, choices=(1, 2))
@@ -236,8 +285,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--division-probability", type=float, help="per cell per frame")
     p.set_defaults(func=cmd_synth)
 
-    p = sub.add_parser("ingest", help="register an acquisition as an experiment and copy it into OME-Zarr")
-    p.add_argument("path", help="acquisition folder (with manifest.json), OME-TIFF/TIFF file, or OME-Zarr")
+    p = sub.add_parser(
+        "ingest", help="register an acquisition as an experiment and copy it into OME-Zarr"
+    )
+    p.add_argument(
+        "path", help="acquisition folder (with manifest.json), OME-TIFF/TIFF file, or OME-Zarr"
+    )
     p.add_argument("--experiment", required=True, help="experiment name (letters, digits, _ . -)")
     voxel_arg(p, "voxel size in nm; overrides the file's metadata, required where it has none")
     p.add_argument("--overwrite", action="store_true", help="replace an experiment of that name")
@@ -246,7 +299,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("materialize", help="materialize assets of registered experiments")
     p.add_argument("--experiment", help="one experiment (default: all)")
-    p.add_argument("--timepoint", type=int, help="one timepoint of per-volume assets (default: all)")
+    p.add_argument(
+        "--timepoint", type=int, help="one timepoint of per-volume assets (default: all)"
+    )
     p.add_argument("--select", help="comma-separated asset names (default: every asset)")
     home_arg(p)
     p.set_defaults(func=cmd_materialize)

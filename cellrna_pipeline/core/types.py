@@ -26,7 +26,9 @@ class VoxelSize:
     def __post_init__(self) -> None:
         for name, value in zip(("z", "y", "x"), self.as_tuple(), strict=True):
             if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
-                raise InputError(f"voxel size {name} must be a positive finite number, got {value!r}")
+                raise InputError(
+                    f"voxel size {name} must be a positive finite number, got {value!r}"
+                )
 
     @classmethod
     def from_nm(cls, zyx_nm: Sequence[float]) -> VoxelSize:

@@ -1,7 +1,5 @@
 """Asset checks, one or more per stage: ``check_<asset>_<property>``."""
 
-from __future__ import annotations
-
 import numpy as np
 from dagster import AssetCheckExecutionContext, AssetCheckResult, AssetCheckSeverity, asset_check
 
@@ -11,7 +9,9 @@ from cellrna_pipeline.defs.partitions import parse_volume_key
 from cellrna_pipeline.defs.resources import DataRootResource
 
 
-@asset_check(asset=raw_volume, description="Every channel has signal: not constant, not all saturated.")
+@asset_check(
+    asset=raw_volume, description="Every channel has signal: not constant, not all saturated."
+)
 def check_raw_volume_has_signal(
     context: AssetCheckExecutionContext, data_root: DataRootResource
 ) -> AssetCheckResult:

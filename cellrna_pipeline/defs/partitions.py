@@ -17,8 +17,10 @@ from dagster import DynamicPartitionsDefinition
 from cellrna_pipeline.core.errors import InputError
 from cellrna_pipeline.core.paths import validate_experiment_name
 
-volumes_partitions = DynamicPartitionsDefinition(name="volumes")
-experiments_partitions = DynamicPartitionsDefinition(name="experiments")
+VOLUMES = "volumes"
+EXPERIMENTS = "experiments"
+volumes_partitions = DynamicPartitionsDefinition(name=VOLUMES)
+experiments_partitions = DynamicPartitionsDefinition(name=EXPERIMENTS)
 
 _KEY_RE = re.compile(r"^(?P<experiment>.+)__t(?P<t>\d{4,})$")
 

@@ -25,6 +25,8 @@ from cellrna_pipeline.core.experiment import load_experiment
 from cellrna_pipeline.core.paths import DataRoot
 from cellrna_pipeline.defs import ASSETS, CHECKS
 from cellrna_pipeline.defs.partitions import (
+    EXPERIMENTS,
+    VOLUMES,
     experiments_partitions,
     volume_key,
     volumes_partitions,
@@ -42,19 +44,25 @@ class RunSummary:
     success: bool
     run_id: str
     error: str | None = None
+    bad_input: bool = False
+    """The run failed on an :class:`InputError` (bad data, not a bug)."""
 
 
 def register_partitions(instance: DagsterInstance, experiment: str, n_timepoints: int) -> None:
     """Add the experiment and its volume partitions (idempotent)."""
-    instance.add_dynamic_partitions(experiments_partitions.name, [experiment])
+    instance.add_dynamic_partitions(EXPERIMENTS, [experiment])
     keys = [volume_key(experiment, t) for t in range(n_timepoints)]
-    instance.add_dynamic_partitions(volumes_partitions.name, keys)
+    instance.add_dynamic_partitions(VOLUMES, keys)
 
 
-def tick_inbox_sensor(instance: DagsterInstance, root: DataRoot, cursor: str | None = None) -> SensorResult:
+def tick_inbox_sensor(
+    instance: DagsterInstance, root: DataRoot, cursor: str | None = None
+) -> SensorResult:
     """Evaluate ``inbox_sensor`` once and apply its dynamic-partition requests."""
     context = build_sensor_context(
-        instance=instance, cursor=cursor, resources={"data_root": DataRootResource(home=str(root.home))}
+        instance=instance,
+        cursor=cursor,
+        resources={"data_root": DataRootResource(home=str(root.home))},
     )
     result = inbox_sensor(context)
     if not isinstance(result, SensorResult):
@@ -64,13 +72,37 @@ def tick_inbox_sensor(instance: DagsterInstance, root: DataRoot, cursor: str | N
     return result
 
 
+def _failure(result) -> tuple[str, bool]:
+    """(one-line message, is it an InputError) of a failed in-process run."""
+    for event in result.get_step_failure_events():
+        error = event.step_failure_data.error
+        while error is not None:  # Dagster wraps user errors; the cause holds ours
+            if error.cls_name == "InputError":
+                return error.message.split(": ", 1)[-1].strip(), True
+            last = error
+            error = error.cause
+        return last.message.strip().splitlines()[-1], False
+    return "run failed", False
+
+
+def unregister_partitions(instance: DagsterInstance, experiment: str, n_timepoints: int) -> None:
+    """Remove an experiment's partitions (rollback of a failed first ingestion)."""
+    for key in [volume_key(experiment, t) for t in range(n_timepoints)]:
+        if instance.has_dynamic_partition(VOLUMES, key):
+            instance.delete_dynamic_partition(VOLUMES, key)
+    if instance.has_dynamic_partition(EXPERIMENTS, experiment):
+        instance.delete_dynamic_partition(EXPERIMENTS, experiment)
+
+
 def _stages(select: Sequence[str] | None) -> list[list[AssetsDefinition]]:
     """Selected assets in topological order, grouped into runs of one partitions definition."""
     wanted = {AssetKey.from_user_string(s) for s in select} if select else None
     known = {a.key for a in ASSETS}
     if wanted is not None and not wanted <= known:
         unknown = sorted(k.to_user_string() for k in wanted - known)
-        raise InputError(f"unknown asset(s) {unknown}; known: {sorted(k.to_user_string() for k in known)}")
+        raise InputError(
+            f"unknown asset(s) {unknown}; known: {sorted(k.to_user_string() for k in known)}"
+        )
     stages: list[list[AssetsDefinition]] = []
     for asset in ASSETS:  # ASSETS is kept in topological order
         if wanted is not None and asset.key not in wanted:
@@ -90,11 +122,13 @@ def materialize_experiment(
     timepoints: Sequence[int] | None = None,
     select: Sequence[str] | None = None,
     progress: Callable[[str], None] = lambda _msg: None,
+    log_level: str = "CRITICAL",
 ) -> list[RunSummary]:
     """Materialize the selected assets (all by default) of one experiment.
 
     Volume-partitioned assets run once per timepoint (all, or ``timepoints``);
-    experiment-partitioned assets once. Raises :class:`InputError` for an unknown
+    experiment-partitioned assets once. Dagster's console log is shown from ``log_level``
+    on (the full event log is in the instance either way). Raises :class:`InputError` for an unknown
     experiment, timepoint or asset; stops at the first failed run.
     """
     record = load_experiment(root, experiment)
@@ -102,7 +136,9 @@ def materialize_experiment(
     chosen = list(all_t) if timepoints is None else list(timepoints)
     for t in chosen:
         if t not in all_t:
-            raise InputError(f"experiment {experiment!r} has timepoints 0-{record.n_timepoints - 1}, not {t}")
+            raise InputError(
+                f"experiment {experiment!r} has timepoints 0-{record.n_timepoints - 1}, not {t}"
+            )
     register_partitions(instance, experiment, record.n_timepoints)
     resources = {"data_root": DataRootResource(home=str(root.home))}
     summaries: list[RunSummary] = []
@@ -115,23 +151,26 @@ def materialize_experiment(
         else:
             keys = [None]
         names = tuple(a.key.to_user_string() for a in stage)
-        checks = [c for c in CHECKS if any(k.asset_key in {a.key for a in stage} for k in c.check_keys)]
+        checks = [
+            c for c in CHECKS if any(k.asset_key in {a.key for a in stage} for k in c.check_keys)
+        ]
         for i, key in enumerate(keys, 1):
             progress(f"{', '.join(names)} [{key or 'unpartitioned'}] ({i}/{len(keys)})")
             result = materialize(
                 [*ASSETS, *checks],
-                selection=list(stage) + checks,
+                selection=[*stage, *checks],
                 partition_key=key,
                 instance=instance,
                 resources=resources,
                 raise_on_error=False,
+                run_config={"loggers": {"console": {"config": {"log_level": log_level}}}},
             )
-            error = None
+            error, bad_input = None, False
             if not result.success:
-                failures = result.get_step_failure_events()
-                error = failures[0].step_failure_data.error.message.strip() if failures else "run failed"
-                error = error.splitlines()[-1] if error else "run failed"
-            summaries.append(RunSummary(names, key, result.success, result.run_id, error))
+                error, bad_input = _failure(result)
+            summaries.append(
+                RunSummary(names, key, result.success, result.run_id, error, bad_input)
+            )
             if not result.success:
                 return summaries
     return summaries

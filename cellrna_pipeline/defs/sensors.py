@@ -1,7 +1,5 @@
 """``inbox_sensor``: ingest complete acquisitions dropped into ``$CELLRNA_HOME/inbox``."""
 
-from __future__ import annotations
-
 import json
 
 from dagster import (
@@ -44,7 +42,9 @@ def _load_cursor(raw: str | None) -> dict:
     description="Registers complete acquisitions in the inbox as experiments (one volume "
     "partition per timepoint) and requests one raw_volume run per new partition.",
 )
-def inbox_sensor(context: SensorEvaluationContext, data_root: DataRootResource) -> SensorResult | SkipReason:
+def inbox_sensor(
+    context: SensorEvaluationContext, data_root: DataRootResource
+) -> SensorResult | SkipReason:
     root = data_root.root
     state = _load_cursor(context.cursor)
     ready, state["observed"] = scan_inbox(root.inbox, state["observed"])

@@ -20,7 +20,9 @@ from cellrna_pipeline.defs.sensors import inbox_sensor
 
 def _tick(instance, root, cursor=None) -> SensorResult:
     ctx = build_sensor_context(
-        instance=instance, cursor=cursor, resources={"data_root": DataRootResource(home=str(root.home))}
+        instance=instance,
+        cursor=cursor,
+        resources={"data_root": DataRootResource(home=str(root.home))},
     )
     return inbox_sensor(ctx)
 
@@ -37,7 +39,10 @@ def test_sensor_requests_complete_acquisitions_once(data_root, tiny_acquisition_
     keys = sorted(r.partition_key for r in result.run_requests)
     assert keys == ["exp1__t0000", "exp1__t0001"]
     assert len({r.run_key for r in result.run_requests}) == 2
-    added = {req.partitions_def_name: list(req.partition_keys) for req in result.dynamic_partitions_requests}
+    added = {
+        req.partitions_def_name: list(req.partition_keys)
+        for req in result.dynamic_partitions_requests
+    }
     assert added == {"experiments": ["exp1"], "volumes": ["exp1__t0000", "exp1__t0001"]}
     assert load_experiment(data_root, "exp1").n_timepoints == 2
 
@@ -56,12 +61,18 @@ def test_sensor_reports_bad_acquisition_without_registering(data_root):
     bad = data_root.inbox / "broken"
     bad.mkdir()
     (bad / "image.ome.tif").write_bytes(b"not a tiff at all")
-    manifest = {"format": "cellrna-acquisition/1", "image": "image.ome.tif", "files": {"image.ome.tif": 17}}
+    manifest = {
+        "format": "cellrna-acquisition/1",
+        "image": "image.ome.tif",
+        "files": {"image.ome.tif": 17},
+    }
     (bad / "manifest.json").write_text(json.dumps(manifest))
     result = _tick(instance, data_root)
     assert not result.run_requests
     assert not data_root.experiment_record("broken").exists()
-    assert json.loads(result.cursor)["failed"] == {"broken": json.loads(result.cursor)["failed"]["broken"]}
+    assert json.loads(result.cursor)["failed"] == {
+        "broken": json.loads(result.cursor)["failed"]["broken"]
+    }
 
 
 def test_raw_volume_materializes_into_tmp_root(data_root, tiny_acquisition_dir):
@@ -81,7 +92,9 @@ def test_raw_volume_materializes_into_tmp_root(data_root, tiny_acquisition_dir):
     meta = read_image_meta(path)
     truth = tifffile.imread(tiny_acquisition_dir / "image.ome.tif")
     assert meta.shape_tczyx == truth.shape
-    assert meta.voxel_size.as_tuple() == tuple(json.loads((tiny_acquisition_dir / "manifest.json").read_text())["voxel_size_um"])
+    assert meta.voxel_size.as_tuple() == tuple(
+        json.loads((tiny_acquisition_dir / "manifest.json").read_text())["voxel_size_um"]
+    )
     np.testing.assert_array_equal(read_timepoint(path, 1), truth[1])
     checks = [e for e in result.all_events if e.event_type_value == "ASSET_CHECK_EVALUATION"]
     assert checks and all(e.event_specific_data.passed for e in checks)

@@ -1,7 +1,5 @@
 """``raw_volume``: one timepoint of an ingested acquisition, copied into OME-Zarr."""
 
-from __future__ import annotations
-
 import time
 
 import numpy as np
@@ -35,7 +33,9 @@ def raw_volume(context: AssetExecutionContext, data_root: DataRootResource) -> M
             "shape_czyx": str(volume.shape),
             "voxel_size_um": str(record.voxel_size_um),
             "channels": ", ".join(record.channel_names),
-            "mean_per_channel": str(np.round(volume.reshape(volume.shape[0], -1).mean(1), 2).tolist()),
+            "mean_per_channel": str(
+                np.round(volume.reshape(volume.shape[0], -1).mean(1), 2).tolist()
+            ),
             "seconds": round(time.perf_counter() - start, 3),
             "preview": MetadataValue.md(markdown_image(composite_mip(volume), "raw MIP")),
         }

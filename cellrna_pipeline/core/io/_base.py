@@ -1,0 +1,140 @@
+"""The :class:`Source` interface shared by the TIFF and OME-Zarr readers."""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import numpy as np
+
+from cellrna_pipeline.core.errors import InputError
+from cellrna_pipeline.core.io._validate import check_finite, check_pixel_dtype
+from cellrna_pipeline.core.types import ImageMeta, VoxelSize
+
+NO_VOXEL_SIZE_HINT = "pass --voxel-size-nm Z Y X"
+
+
+class Source(abc.ABC):
+    """An acquisition opened for ingestion, read one timepoint at a time.
+
+    Attributes
+    ----------
+    path : the file or directory.
+    meta : shape ``(t, c, z, y, x)``, dtype, voxel size (um), channel names, frame interval
+        (s); ``meta.extra["format"]`` names the format.
+
+    Use as a context manager (or call :meth:`close`) to release the file.
+    """
+
+    path: Path
+    meta: ImageMeta
+
+    def read_timepoint(self, t: int) -> np.ndarray:
+        """Read timepoint ``t`` as ``(c, z, y, x)`` of ``meta.dtype``, only that part of the file.
+
+        Raises
+        ------
+        InputError
+            ``t`` out of range, unreadable data, or NaN/inf in float data.
+        """
+        if isinstance(t, bool) or not isinstance(t, int | np.integer):
+            raise InputError(f"{self.path}: timepoint must be an integer, got {t!r}")
+        n_t = self.meta.n_timepoints
+        if not 0 <= int(t) < n_t:
+            raise InputError(f"{self.path}: timepoint {t} out of range 0..{n_t - 1}")
+        data = self._read_timepoint(int(t))
+        want = tuple(self.meta.shape_tczyx[1:])
+        if data.shape != want:  # a reader bug rather than bad input
+            raise RuntimeError(f"{self.path}: read {data.shape}, expected {want}")
+        check_finite(data, where=f"{self.path} t={t}")
+        return data
+
+    @abc.abstractmethod
+    def _read_timepoint(self, t: int) -> np.ndarray:
+        """``(c, z, y, x)`` for a valid ``t``."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook, nothing to release by default
+        """Release open files."""
+
+    def __enter__(self) -> Source:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        m = self.meta
+        return (
+            f"{type(self).__name__}({str(self.path)!r}, shape_tczyx={m.shape_tczyx}, "
+            f"dtype={m.dtype}, voxel_size_um={m.voxel_size.as_tuple()})"
+        )
+
+
+def build_meta(
+    path: Path,
+    *,
+    shape_tczyx: tuple[int, int, int, int, int],
+    dtype: np.dtype | str,
+    metadata_voxel_size: VoxelSize | None,
+    voxel_size: VoxelSize | None,
+    metadata_channel_names: Sequence[str] | None,
+    channel_names: Sequence[str] | None,
+    frame_interval_s: float | None,
+    extra: dict[str, Any],
+) -> ImageMeta:
+    """Combine what a file says with what the user gave (the user wins) and validate.
+
+    Raises
+    ------
+    InputError
+        Unsupported dtype, no voxel size anywhere, bad channel names.
+    """
+    dt = check_pixel_dtype(dtype, where=str(path))
+    if voxel_size is not None and not isinstance(voxel_size, VoxelSize):
+        raise InputError(f"voxel_size must be a VoxelSize, got {voxel_size!r}")
+    voxel = voxel_size if voxel_size is not None else metadata_voxel_size
+    if voxel is None:
+        raise InputError(f"{path} has no physical voxel size in its metadata; {NO_VOXEL_SIZE_HINT}")
+    n_c = shape_tczyx[1]
+    if channel_names is not None:
+        names = (channel_names,) if isinstance(channel_names, str) else tuple(channel_names)
+        check_channel_names(names, n_c, where=str(path))
+    else:
+        names = tuple(f"c{i}" for i in range(n_c))
+        if metadata_channel_names is not None:
+            candidate = tuple(str(n) for n in metadata_channel_names)
+            try:
+                check_channel_names(candidate, n_c, where=str(path))
+            except InputError:
+                extra = {**extra, "metadata_channel_names": list(candidate)}
+            else:
+                names = candidate
+    return ImageMeta(
+        shape_tczyx=shape_tczyx,
+        dtype=dt.name,
+        voxel_size=voxel,
+        channel_names=names,
+        frame_interval_s=frame_interval_s,
+        extra={**extra, "voxel_size_from_metadata": voxel_size is None},
+    )
+
+
+def check_channel_names(names: Sequence[str], n_channels: int, *, where: str) -> None:
+    """:class:`InputError` unless ``names`` are ``n_channels`` unique non-empty strings."""
+    if len(names) != n_channels:
+        raise InputError(
+            f"{where}: {n_channels} channel(s) but {len(names)} channel name(s) given: {list(names)}"
+        )
+    if any(not isinstance(n, str) or not n.strip() for n in names):
+        raise InputError(f"{where}: missing (empty) channel name in {list(names)}")
+    if len(set(names)) != len(names):
+        dupes = sorted({n for n in names if list(names).count(n) > 1})
+        raise InputError(f"{where}: duplicate channel name(s) {dupes}")

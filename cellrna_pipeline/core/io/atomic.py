@@ -1,0 +1,143 @@
+"""Atomic file and directory writes: build under a hidden temporary name, then rename.
+
+A reader (or a concurrent writer) sees either nothing or the complete result, never a
+half-written file or directory. Temporary names are siblings of the final path, so the
+rename stays on one filesystem (where POSIX ``rename`` is atomic).
+
+Limits: rename is atomic on a local POSIX filesystem; on network filesystems (NFS, SMB)
+and object stores it may not be. Files written by :func:`atomic_write_bytes` are
+``fsync``-ed before the rename; parent directories are not, so a power cut right after
+a write may lose the new name (but never expose a truncated file).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+__all__ = [
+    "atomic_dir",
+    "atomic_path",
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "temporary_sibling",
+]
+
+TMP_PREFIX = ".tmp-"
+
+
+def temporary_sibling(final_path: str | os.PathLike[str]) -> Path:
+    """A fresh hidden name next to ``final_path``: ``<parent>/.tmp-<name>-<uuid>``.
+
+    Parameters
+    ----------
+    final_path : path the temporary will be renamed to.
+
+    Returns
+    -------
+    Path in the same directory (hence the same filesystem) as ``final_path``; nothing is
+    created.
+    """
+    final = Path(final_path)
+    return final.parent / f"{TMP_PREFIX}{final.name}-{uuid.uuid4().hex}"
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, *, fsync: bool = True) -> None:
+    """Write ``data`` to ``path`` atomically (temporary sibling + ``os.replace``).
+
+    Parameters
+    ----------
+    path : destination file; its parent directories are created if missing. An existing
+        file is replaced.
+    data : the complete file content.
+    fsync : flush the temporary file to disk before the rename (durability).
+    """
+    final = Path(path)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(final) as tmp, open(tmp, "wb") as fh:
+        fh.write(data)
+        if fsync:
+            fh.flush()
+            os.fsync(fh.fileno())
+
+
+def atomic_write_text(
+    path: str | os.PathLike[str], text: str, *, encoding: str = "utf-8", fsync: bool = True
+) -> None:
+    """Write ``text`` to ``path`` atomically; see :func:`atomic_write_bytes`."""
+    atomic_write_bytes(path, text.encode(encoding), fsync=fsync)
+
+
+@contextlib.contextmanager
+def atomic_path(final_path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temporary sibling path for one file; ``os.replace`` it into place on success.
+
+    The caller creates the file at the yielded path. On an exception the temporary file
+    is removed and ``final_path`` is left untouched. If the block ends without creating
+    the file, nothing is renamed and ``FileNotFoundError`` is raised.
+
+    Examples
+    --------
+    >>> with atomic_path(out / "table.parquet") as tmp:  # doctest: +SKIP
+    ...     frame.write_parquet(tmp)
+    """
+    final = Path(final_path)
+    tmp = temporary_sibling(final)
+    try:
+        yield tmp
+        os.replace(tmp, final)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            if tmp.is_dir():
+                shutil.rmtree(tmp)
+            else:
+                tmp.unlink()
+        raise
+
+
+@contextlib.contextmanager
+def atomic_dir(final_path: str | os.PathLike[str], *, exist_ok: bool = False) -> Iterator[Path]:
+    """Yield a new empty temporary directory; rename it to ``final_path`` on success.
+
+    Parameters
+    ----------
+    final_path : where the finished directory should appear. Its parent must exist
+        (it is created if missing).
+    exist_ok : what to do when ``final_path`` exists by the time the block finishes
+        (e.g. a concurrent process created it first). ``True``: discard our temporary
+        directory silently and keep theirs. ``False``: discard ours and raise
+        ``FileExistsError``.
+
+    Notes
+    -----
+    The temporary directory ``<parent>/.tmp-<name>-<uuid>`` is removed when the block
+    raises. A directory is never merged into an existing one: the first complete rename
+    wins. An existing *empty* directory at ``final_path`` counts as existing.
+    """
+    final = Path(final_path)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temporary_sibling(final)
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    try:
+        if final.exists():
+            # Checked first because rename(2) would silently replace an empty directory.
+            raise FileExistsError(errno.EEXIST, "destination exists", str(final))
+        os.rename(tmp, final)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        lost_race = isinstance(exc, FileExistsError) or exc.errno in (errno.EEXIST, errno.ENOTEMPTY)
+        if lost_race and exist_ok:
+            return
+        if lost_race and not isinstance(exc, FileExistsError):
+            raise FileExistsError(errno.EEXIST, "destination exists", str(final)) from exc
+        raise

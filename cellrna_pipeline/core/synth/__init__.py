@@ -1,0 +1,37 @@
+"""Synthetic 3D+t acquisitions with exact ground truth (cells, nuclei, RNA spots, tracks).
+
+>>> acq = synthesize(SynthConfig(timepoints=3))          # doctest: +SKIP
+>>> write_acquisition(acq, Path("out/exp1"))             # doctest: +SKIP
+"""
+
+from cellrna_pipeline.core.synth.config import SynthConfig
+from cellrna_pipeline.core.synth.generator import (
+    LINEAGE_SCHEMA,
+    SPOT_TABLE_SCHEMA,
+    SynthAcquisition,
+    synthesize,
+)
+from cellrna_pipeline.core.synth.manifest import (
+    MANIFEST_FORMAT,
+    MANIFEST_NAME,
+    acquisition_is_complete,
+    read_manifest,
+    write_manifest,
+)
+from cellrna_pipeline.core.synth.write import load_ground_truth, read_ctc_lineage, write_acquisition
+
+__all__ = [
+    "LINEAGE_SCHEMA",
+    "MANIFEST_FORMAT",
+    "MANIFEST_NAME",
+    "SPOT_TABLE_SCHEMA",
+    "SynthAcquisition",
+    "SynthConfig",
+    "acquisition_is_complete",
+    "load_ground_truth",
+    "read_ctc_lineage",
+    "read_manifest",
+    "synthesize",
+    "write_acquisition",
+    "write_manifest",
+]

@@ -1,0 +1,184 @@
+"""The generator's typed configuration (:class:`SynthConfig`) and its range checks.
+
+Lengths are micrometres (``_um``) or nanometres (``_nm``), times seconds (``_s``), light
+levels photons per voxel (``_photons``), camera values counts (``_adu``) or electrons
+(``_e``). Every ``zyx`` tuple is in ``(z, y, x)`` order.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from pydantic import ValidationError
+
+from cellrna_pipeline.core.config import StrictModel
+from cellrna_pipeline.core.errors import InputError
+
+
+class SynthConfig(StrictModel):
+    """Everything that decides one synthetic acquisition; same config -> same bytes.
+
+    Range errors raise :class:`InputError` (one line); unknown keys and wrong types raise
+    pydantic's ``ValidationError``. See ``docs/generator.md`` for each parameter.
+    """
+
+    seed: int = 0
+    timepoints: int = 8
+    shape_zyx: tuple[int, int, int] = (32, 256, 256)
+    voxel_size_um: tuple[float, float, float] = (0.6, 0.15, 0.15)
+    frame_interval_s: float = 300.0
+
+    # cells
+    n_cells: int = 12
+    cell_radius_um: float = 6.0
+    cell_radius_cv: float = 0.12
+    cell_z_aspect: float = 0.6
+    cell_irregularity: float = 0.12
+    nucleus_fraction: float = 0.5
+
+    # RNA
+    n_rna_channels: int = 1
+    spots_per_cell: float = 30.0
+    expression_cv: float = 0.4
+    nuclear_spot_fraction: float = 0.3
+    cluster_probability: float = 0.3
+    transcription_sites: int = 2
+    outside_spots_per_frame: float = 2.0
+    spot_amplitude_cv: float = 0.25
+
+    # optics and camera
+    psf_sigma_nm: tuple[float, float, float] = (350.0, 150.0, 150.0)
+    snr: float = 8.0
+    background_photons: float = 100.0
+    illumination_falloff: float = 0.3
+    nucleus_stain_photons: float = 400.0
+    cytoplasm_stain_photons: float = 120.0
+    membrane_contrast: float = 1.0
+    autofluorescence_photons: float = 15.0
+    texture_contrast: float = 0.3
+    bleach_per_frame: float = 0.01
+    camera_offset_adu: float = 100.0
+    camera_gain_adu_per_e: float = 1.0
+    read_noise_e: float = 2.0
+
+    # dynamics
+    motion_um_per_frame: float = 1.0
+    motion_persistence: float = 0.5
+    drift_um_per_frame: tuple[float, float, float] = (0.2, 1.0, 1.0)
+    division_probability: float = 0.08
+    confluence_limit: float = 2.0
+    enter_leave: bool = True
+
+    def __init__(self, **data: Any) -> None:
+        try:
+            super().__init__(**data)
+        except ValidationError as exc:
+            _raise_input_error_inside(exc)
+            raise
+
+    @classmethod
+    def model_validate(cls, obj: Any, **kwargs: Any) -> SynthConfig:  # type: ignore[override]
+        try:
+            return super().model_validate(obj, **kwargs)
+        except ValidationError as exc:
+            _raise_input_error_inside(exc)
+            raise
+
+    def model_post_init(self, context: Any, /) -> None:
+        _check_ranges(self)
+
+    @property
+    def channel_names(self) -> tuple[str, ...]:
+        """``("nucleus", "cytoplasm", "rna0"[, "rna1"])``."""
+        return ("nucleus", "cytoplasm", *(f"rna{r}" for r in range(self.n_rna_channels)))
+
+
+def _raise_input_error_inside(exc: ValidationError) -> None:
+    """Re-raise the :class:`InputError` that pydantic wrapped, if there is one."""
+    for err in exc.errors():
+        inner = (err.get("ctx") or {}).get("error")
+        if isinstance(inner, InputError):
+            raise InputError(str(inner)) from None
+
+
+def _check_ranges(c: SynthConfig) -> None:
+    def finite(name: str, value: float) -> None:
+        if not math.isfinite(value):
+            raise InputError(f"{name} must be finite, got {value!r}")
+
+    def positive(name: str, value: float) -> None:
+        finite(name, value)
+        if value <= 0:
+            raise InputError(f"{name} must be > 0, got {value!r}")
+
+    def non_negative(name: str, value: float) -> None:
+        finite(name, value)
+        if value < 0:
+            raise InputError(f"{name} must be >= 0, got {value!r}")
+
+    def fraction(name: str, value: float, *, below_one: bool = False) -> None:
+        finite(name, value)
+        if value < 0 or value > 1 or (below_one and value >= 1):
+            bound = "[0, 1)" if below_one else "[0, 1]"
+            raise InputError(f"{name} must be in {bound}, got {value!r}")
+
+    if c.seed < 0:
+        raise InputError(f"seed must be >= 0, got {c.seed}")
+    if c.timepoints < 1:
+        raise InputError(f"timepoints must be >= 1, got {c.timepoints}")
+    if any(s < 1 for s in c.shape_zyx):
+        raise InputError(f"shape_zyx must be positive, got {list(c.shape_zyx)}")
+    if min(c.shape_zyx[1:]) < 8:
+        raise InputError(f"shape_zyx y and x must be >= 8 voxels, got {list(c.shape_zyx)}")
+    for name, values in (
+        ("voxel_size_um", c.voxel_size_um),
+        ("psf_sigma_nm", c.psf_sigma_nm),
+    ):
+        if any(not math.isfinite(v) or v <= 0 for v in values):
+            raise InputError(f"{name} must be positive and finite, got {list(values)}")
+    if any(not math.isfinite(v) or v < 0 for v in c.drift_um_per_frame):
+        raise InputError(
+            f"drift_um_per_frame must be >= 0 and finite, got {list(c.drift_um_per_frame)}"
+        )
+    positive("frame_interval_s", c.frame_interval_s)
+    if c.n_cells < 0:
+        raise InputError(f"n_cells must be >= 0, got {c.n_cells}")
+    positive("cell_radius_um", c.cell_radius_um)
+    fraction("cell_radius_cv", c.cell_radius_cv)
+    if not (0.1 <= c.cell_z_aspect <= 1.0):
+        raise InputError(f"cell_z_aspect must be in [0.1, 1], got {c.cell_z_aspect!r}")
+    if not (0 <= c.cell_irregularity <= 0.3):
+        raise InputError(f"cell_irregularity must be in [0, 0.3], got {c.cell_irregularity!r}")
+    if not (0.1 <= c.nucleus_fraction <= 0.8):
+        raise InputError(f"nucleus_fraction must be in [0.1, 0.8], got {c.nucleus_fraction!r}")
+    if c.n_rna_channels not in (1, 2):
+        raise InputError(f"n_rna_channels must be 1 or 2, got {c.n_rna_channels}")
+    non_negative("spots_per_cell", c.spots_per_cell)
+    non_negative("expression_cv", c.expression_cv)
+    fraction("nuclear_spot_fraction", c.nuclear_spot_fraction)
+    fraction("cluster_probability", c.cluster_probability)
+    if not (0 <= c.transcription_sites <= 8):
+        raise InputError(f"transcription_sites must be in 0..8, got {c.transcription_sites}")
+    non_negative("outside_spots_per_frame", c.outside_spots_per_frame)
+    non_negative("spot_amplitude_cv", c.spot_amplitude_cv)
+    positive("snr", c.snr)
+    non_negative("background_photons", c.background_photons)
+    fraction("illumination_falloff", c.illumination_falloff, below_one=True)
+    non_negative("nucleus_stain_photons", c.nucleus_stain_photons)
+    non_negative("cytoplasm_stain_photons", c.cytoplasm_stain_photons)
+    non_negative("membrane_contrast", c.membrane_contrast)
+    non_negative("autofluorescence_photons", c.autofluorescence_photons)
+    fraction("texture_contrast", c.texture_contrast)
+    fraction("bleach_per_frame", c.bleach_per_frame, below_one=True)
+    non_negative("camera_offset_adu", c.camera_offset_adu)
+    positive("camera_gain_adu_per_e", c.camera_gain_adu_per_e)
+    non_negative("read_noise_e", c.read_noise_e)
+    if c.background_photons == 0 and c.read_noise_e == 0:
+        raise InputError("background_photons and read_noise_e are both 0: snr is undefined")
+    non_negative("motion_um_per_frame", c.motion_um_per_frame)
+    fraction("motion_persistence", c.motion_persistence, below_one=True)
+    fraction("division_probability", c.division_probability)
+    finite("confluence_limit", c.confluence_limit)
+    if c.confluence_limit <= 1:
+        raise InputError(f"confluence_limit must be > 1, got {c.confluence_limit!r}")
