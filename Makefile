@@ -21,7 +21,7 @@ demo: $(STAMP)
 	$(BIN)/cellrna demo
 
 test: $(STAMP) lint typecheck
-	$(BIN)/pytest
+	$(BIN)/pytest -q
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

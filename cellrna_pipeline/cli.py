@@ -306,6 +306,10 @@ def build_parser() -> argparse.ArgumentParser:
     home_arg(p)
     p.set_defaults(func=cmd_materialize)
 
+    from cellrna_pipeline.commands import register_all
+
+    register_all(sub)
+
     p = sub.add_parser("ui", help="the Dagster UI on 127.0.0.1")
     p.add_argument("--port", type=int, default=3000)
     home_arg(p)
