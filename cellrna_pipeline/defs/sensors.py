@@ -14,6 +14,7 @@ from dagster import (
 from cellrna_pipeline.core.errors import InputError
 from cellrna_pipeline.core.experiment import register_experiment
 from cellrna_pipeline.core.inbox import scan_inbox
+from cellrna_pipeline.core.io import timepoints_written
 from cellrna_pipeline.defs.jobs import ingest_job
 from cellrna_pipeline.defs.partitions import (
     experiments_partitions,
@@ -30,7 +31,6 @@ def _load_cursor(raw: str | None) -> dict:
         state = {}
     return {
         "observed": state.get("observed", {}),
-        "ingested": state.get("ingested", {}),
         "failed": state.get("failed", {}),
     }
 
@@ -52,8 +52,6 @@ def inbox_sensor(
     new_experiments: list[str] = []
     new_volumes: list[str] = []
     for acq in ready:
-        if state["ingested"].get(acq.experiment) == acq.fingerprint:
-            continue
         if state["failed"].get(acq.experiment) == acq.fingerprint:
             continue  # reported once; retried when the acquisition changes
         try:
@@ -63,14 +61,25 @@ def inbox_sensor(
             state["failed"][acq.experiment] = acq.fingerprint
             continue
         state["failed"].pop(acq.experiment, None)
-        state["ingested"][acq.experiment] = acq.fingerprint
+        # Request only the timepoints not stored yet: a re-seen acquisition costs nothing,
+        # and one interrupted half-way is completed. Run keys stop a run twice.
+        done = (
+            set(timepoints_written(root.raw(record.name)))
+            if root.raw(record.name).exists()
+            else set()
+        )
+        todo = [t for t in range(record.n_timepoints) if t not in done]
+        if not todo:
+            continue
         keys = volume_keys(record.name, record.n_timepoints)
         new_experiments.append(record.name)
         new_volumes.extend(keys)
         run_requests.extend(
-            RunRequest(run_key=f"{key}:{acq.fingerprint}", partition_key=key) for key in keys
+            RunRequest(run_key=f"{keys[t]}:{acq.fingerprint}", partition_key=keys[t]) for t in todo
         )
-        context.log.info(f"registered {record.name}: {record.n_timepoints} timepoints")
+        context.log.info(
+            f"{record.name}: {len(todo)} of {record.n_timepoints} timepoints to ingest"
+        )
     cursor = json.dumps(state, sort_keys=True)
     if not run_requests:
         return SensorResult(skip_reason=SkipReason("no new complete acquisition"), cursor=cursor)

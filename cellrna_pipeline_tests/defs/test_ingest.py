@@ -7,24 +7,23 @@ import shutil
 
 import numpy as np
 import tifffile
-from dagster import DagsterInstance, SensorResult, build_sensor_context, materialize
+from dagster import DagsterInstance, SensorResult, materialize
 
 from cellrna_pipeline.core.experiment import load_experiment
 from cellrna_pipeline.core.io import read_image_meta, read_timepoint, timepoints_written
 from cellrna_pipeline.defs import CHECKS
 from cellrna_pipeline.defs.assets.ingest import raw_volume
 from cellrna_pipeline.defs.resources import DataRootResource
-from cellrna_pipeline.defs.runner import materialize_experiment, register_partitions
-from cellrna_pipeline.defs.sensors import inbox_sensor
+from cellrna_pipeline.defs.runner import (
+    materialize_experiment,
+    register_partitions,
+    tick_inbox_sensor,
+)
 
 
 def _tick(instance, root, cursor=None) -> SensorResult:
-    ctx = build_sensor_context(
-        instance=instance,
-        cursor=cursor,
-        resources={"data_root": DataRootResource(home=str(root.home))},
-    )
-    return inbox_sensor(ctx)
+    """One sensor evaluation, with its partition requests applied (as the daemon does)."""
+    return tick_inbox_sensor(instance, root, cursor)
 
 
 def test_sensor_requests_complete_acquisitions_once(data_root, tiny_acquisition_dir):
@@ -46,14 +45,38 @@ def test_sensor_requests_complete_acquisitions_once(data_root, tiny_acquisition_
     assert added == {"experiments": ["exp1"], "volumes": ["exp1__t0000", "exp1__t0001"]}
     assert load_experiment(data_root, "exp1").n_timepoints == 2
 
-    # Next tick with the cursor: nothing new, nothing twice.
+    # The runs happen; the next tick (even with a fresh cursor) requests nothing twice.
+    for key in keys:
+        assert materialize(
+            [raw_volume],
+            partition_key=key,
+            instance=instance,
+            resources={"data_root": DataRootResource(home=str(data_root.home))},
+        ).success
     again = _tick(instance, data_root, result.cursor)
     assert not again.run_requests
+    assert not _tick(instance, data_root).run_requests
 
     # The second acquisition completes (manifest written last): only it is requested.
     shutil.copy(tiny_acquisition_dir / "manifest.json", partial / "manifest.json")
     third = _tick(instance, data_root, again.cursor)
     assert sorted(r.partition_key for r in third.run_requests) == ["exp2__t0000", "exp2__t0001"]
+
+
+def test_sensor_completes_an_interrupted_ingestion(data_root, tiny_acquisition_dir):
+    instance = DagsterInstance.get()
+    shutil.copytree(tiny_acquisition_dir, data_root.inbox / "exp1")
+    first = _tick(instance, data_root)
+    materialize(
+        [raw_volume],
+        partition_key="exp1__t0000",
+        instance=instance,
+        resources={"data_root": DataRootResource(home=str(data_root.home))},
+    )
+    # Timepoint 1 never ran (killed daemon): the next tick asks for it, and only it.
+    second = _tick(instance, data_root, first.cursor)
+    assert [r.partition_key for r in second.run_requests] == ["exp1__t0001"]
+    assert second.run_requests[0].run_key == first.run_requests[1].run_key
 
 
 def test_sensor_reports_bad_acquisition_without_registering(data_root):
