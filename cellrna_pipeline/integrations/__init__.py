@@ -1,0 +1,1 @@
+"""Clients of engines: MLflow registry, DuckDB warehouse, Dask (no Dagster here)."""
