@@ -23,9 +23,9 @@ from cellrna_pipeline.core.errors import InputError
 from cellrna_pipeline.core.io import atomic_path
 from cellrna_pipeline.core.paths import DataRoot
 
-_F = pl.Float64
-_I = pl.Int64
-_S = pl.Utf8
+_F: type[pl.DataType] = pl.Float64
+_I: type[pl.DataType] = pl.Int64
+_S: type[pl.DataType] = pl.Utf8
 _CENTROID = {"centroid_z_um": _F, "centroid_y_um": _F, "centroid_x_um": _F}
 _INTENSITY = {f"mean_intensity_{c}": _F for c in ("nucleus", "cytoplasm", "rna0", "rna1")}
 
@@ -36,12 +36,12 @@ class TableSpec:
 
     name: str
     per_volume: bool
-    columns: dict[str, pl.DataType]
+    columns: dict[str, type[pl.DataType]]
     description: str
 
     @property
-    def schema(self) -> dict[str, pl.DataType]:
-        keys: dict[str, pl.DataType] = {"experiment": _S}
+    def schema(self) -> dict[str, type[pl.DataType]]:
+        keys: dict[str, type[pl.DataType]] = {"experiment": _S}
         if self.per_volume:
             keys["timepoint"] = _I
         return {**keys, **self.columns}

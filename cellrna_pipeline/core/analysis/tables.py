@@ -114,6 +114,12 @@ def volume_tables(
     }
 
 
+def _mean(series: pl.Series) -> float | None:
+    """Mean of a numeric series, None when empty or all null."""
+    value = series.mean()
+    return float(value) if isinstance(value, int | float) else None
+
+
 def experiment_tables(
     cells: pl.DataFrame,
     lineage: pl.DataFrame,
@@ -156,9 +162,7 @@ def experiment_tables(
         frame_interval_s=frame_interval_s,
         n_spots=n_spots,
         mean_spots_per_cell=n_spots / cells.height if cells.height else None,
-        mean_nuclear_fraction=localization["nuclear_fraction"].mean()
-        if localization.height
-        else None,
+        mean_nuclear_fraction=_mean(localization["nuclear_fraction"]),
     )
     return {
         "tracks": tracks,
