@@ -43,7 +43,11 @@ def png_bytes(rgb: np.ndarray) -> bytes:
     return bytes(iio.imwrite("<bytes>", rgb, extension=".png"))
 
 
-def markdown_image(rgb: np.ndarray, alt: str = "preview") -> str:
+def markdown_png(png: bytes, alt: str = "preview") -> str:
     """A markdown image with the PNG inlined as a data URI (renders in the Dagster UI)."""
-    b64 = base64.b64encode(png_bytes(rgb)).decode()
-    return f"![{alt}](data:image/png;base64,{b64})"
+    return f"![{alt}](data:image/png;base64,{base64.b64encode(png).decode()})"
+
+
+def markdown_image(rgb: np.ndarray, alt: str = "preview") -> str:
+    """:func:`markdown_png` of a uint8 (y, x, 3) image."""
+    return markdown_png(png_bytes(rgb), alt)

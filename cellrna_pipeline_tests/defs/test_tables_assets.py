@@ -15,6 +15,7 @@ from cellrna_pipeline.core.io import (
     write_timepoint,
 )
 from cellrna_pipeline.core.synth import load_ground_truth
+from cellrna_pipeline.defs.assets.reports import experiment_report, qc_preview
 from cellrna_pipeline.defs.assets.tables import statistics_tables, warehouse
 from cellrna_pipeline.defs.partitions import EXPERIMENTS
 from cellrna_pipeline.defs.resources import DataRootResource
@@ -93,3 +94,24 @@ def test_tables_and_warehouse_from_ground_truth(data_root, processed_from_truth)
         resources={"data_root": DataRootResource(home=str(data_root.home))},
     ).success
     assert query(data_root, "SELECT * FROM cells ORDER BY timepoint, cell_id").equals(before)
+
+
+def test_reports(data_root, processed_from_truth):
+    instance = DagsterInstance.get()
+    instance.add_dynamic_partitions(EXPERIMENTS, ["exp1"])
+    instance.add_dynamic_partitions("volumes", ["exp1__t0000"])
+    resources = {"data_root": DataRootResource(home=str(data_root.home))}
+    assert materialize(
+        [statistics_tables, warehouse], partition_key="exp1", instance=instance, resources=resources
+    ).success
+    assert materialize(
+        [experiment_report], partition_key="exp1", instance=instance, resources=resources
+    ).success
+    assert materialize(
+        [qc_preview], partition_key="exp1__t0000", instance=instance, resources=resources
+    ).success
+    folder = data_root.reports / "exp1"
+    for name in ("report.html", "trajectory.png", "view3d.png", "qc_t0000.png"):
+        assert (folder / name).stat().st_size > 1000
+    page = (folder / "report.html").read_text()
+    assert "data:image/png;base64" in page and "RNA per cell" in page
