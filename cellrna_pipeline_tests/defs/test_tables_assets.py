@@ -115,3 +115,31 @@ def test_reports(data_root, processed_from_truth):
         assert (folder / name).stat().st_size > 1000
     page = (folder / "report.html").read_text()
     assert "data:image/png;base64" in page and "RNA per cell" in page
+
+
+def test_view_layers_and_missing_napari(data_root, processed_from_truth, capsys):
+    from cellrna_pipeline.cli import main
+    from cellrna_pipeline.commands.view import napari_layers
+
+    instance = DagsterInstance.get()
+    instance.add_dynamic_partitions(EXPERIMENTS, ["exp1"])
+    resources = {"data_root": DataRootResource(home=str(data_root.home))}
+    assert materialize(
+        [statistics_tables, warehouse], partition_key="exp1", instance=instance, resources=resources
+    ).success
+    layers = napari_layers(str(data_root.home), "exp1")
+    kinds = [kind for _, _, kind in layers]
+    assert (
+        kinds.count("image") == 3
+        and kinds.count("labels") == 3
+        and "points" in kinds
+        and "tracks" in kinds
+    )
+    image = layers[0][0]
+    assert image.shape == processed_from_truth.image[:, 0].shape
+    assert main(["view", "ghost"]) == 2 and "unknown experiment" in capsys.readouterr().err
+    try:
+        import napari  # noqa: F401
+    except ImportError:
+        assert main(["view", "exp1"]) == 2
+        assert "napari is not installed" in capsys.readouterr().err
