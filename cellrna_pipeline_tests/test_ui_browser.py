@@ -52,7 +52,7 @@ def ui(tmp_path_factory):
         capture_output=True,
     )
     port = _free_port()
-    log = open(home / "ui.log", "w")
+    log = (home / "ui.log").open("w")  # closed in the finally below
     proc = subprocess.Popen(
         [sys.executable, "-m", "cellrna_pipeline.cli", "ui", "--port", str(port)],
         env=env,
