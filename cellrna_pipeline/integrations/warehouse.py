@@ -20,6 +20,7 @@ from pathlib import Path
 import polars as pl
 
 from cellrna_pipeline.core.errors import InputError
+from cellrna_pipeline.core.faults import checkpoint
 from cellrna_pipeline.core.io import atomic_path
 from cellrna_pipeline.core.paths import DataRoot
 
@@ -259,6 +260,7 @@ def write_partition(
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
         conform(table, df, experiment, timepoint).write_parquet(tmp)
+        checkpoint("parquet.before_rename")
     return path
 
 
@@ -328,6 +330,7 @@ def load_experiment(
                     con.execute(f'INSERT INTO "{name}" SELECT * FROM incoming')
                     con.unregister("incoming")
                 counts[name] = df.height
+            checkpoint("warehouse.before_commit")
             con.execute("COMMIT")
         except BaseException:
             con.execute("ROLLBACK")
