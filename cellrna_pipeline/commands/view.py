@@ -26,7 +26,7 @@ def napari_layers(home: str | None, experiment: str) -> list[tuple[Any, dict[str
     from cellrna_pipeline.core.experiment import load_experiment
     from cellrna_pipeline.core.io import list_labels, open_image, read_image_meta
     from cellrna_pipeline.core.paths import DataRoot
-    from cellrna_pipeline.integrations.warehouse import read_partitions
+    from cellrna_pipeline.integrations.warehouse import conform, read_partitions
 
     root = DataRoot.from_env(home)
     load_experiment(root, experiment)  # InputError for an unknown experiment
@@ -59,7 +59,7 @@ def napari_layers(home: str | None, experiment: str) -> list[tuple[Any, dict[str
                 "points",
             )
         )
-    tracks = read_partitions(root, "tracks", experiment)
+    tracks = conform("tracks", read_partitions(root, "tracks", experiment), experiment)
     if tracks.height:
         vox = meta.voxel_size
         data = (
@@ -73,7 +73,7 @@ def napari_layers(home: str | None, experiment: str) -> list[tuple[Any, dict[str
             .sort("track_id", "timepoint")
             .to_numpy()
         )
-        lineage = read_partitions(root, "lineage", experiment)
+        lineage = conform("lineage", read_partitions(root, "lineage", experiment), experiment)
         graph = {
             int(r["track_id"]): [int(r["parent_track_id"])]
             for r in lineage.iter_rows(named=True)

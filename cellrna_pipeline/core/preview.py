@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 
 import numpy as np
+import polars as pl
 
 # Channel colours for a composite: nucleus blue, cytoplasm green, RNA magenta/yellow.
 _COLOURS = np.array(
@@ -51,3 +52,15 @@ def markdown_png(png: bytes, alt: str = "preview") -> str:
 def markdown_image(rgb: np.ndarray, alt: str = "preview") -> str:
     """:func:`markdown_png` of a uint8 (y, x, 3) image."""
     return markdown_png(png_bytes(rgb), alt)
+
+
+def markdown_table(df: pl.DataFrame, *, max_rows: int = 50) -> str:
+    """A small frame as a markdown table (floats to 4 significant digits)."""
+    if df.height == 0:
+        return "empty"
+    rows = [
+        [f"{v:.4g}" if isinstance(v, float) else str(v) for v in row]
+        for row in df.head(max_rows).rows()
+    ]
+    lines = ["| " + " | ".join(df.columns) + " |", "|" + "---|" * len(df.columns)]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])

@@ -14,7 +14,7 @@ import re
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import polars as pl
@@ -39,6 +39,8 @@ class TableSpec:
     per_volume: bool
     columns: dict[str, type[pl.DataType]]
     description: str
+    aliases: dict[str, str] = field(default_factory=dict)
+    """Column names of producers' Parquet files that mean one of ours (``t`` -> ``timepoint``)."""
 
     @property
     def schema(self) -> dict[str, type[pl.DataType]]:
@@ -128,8 +130,16 @@ TABLES: dict[str, TableSpec] = {
                 "timepoint": _I,
                 "cell_id": _I,
                 **_CENTROID,
+                "volume_um3": _F,
             },
             "one row per track per timepoint (napari-style points of each track)",
+            aliases={
+                "t": "timepoint",
+                "label": "cell_id",
+                "z_um": "centroid_z_um",
+                "y_um": "centroid_y_um",
+                "x_um": "centroid_x_um",
+            },
         ),
         TableSpec(
             "lineage",
@@ -139,8 +149,15 @@ TABLES: dict[str, TableSpec] = {
                 "begin": _I,
                 "end": _I,
                 "parent_track_id": _I,
+                "n_detections": _I,
             },
             "one row per track, CTC res_track.txt semantics (parent 0 = none)",
+            aliases={
+                "begin_t": "begin",
+                "end_t": "end",
+                "label": "track_id",
+                "parent_label": "parent_track_id",
+            },
         ),
         TableSpec(
             "cell_behavior",
@@ -239,9 +256,11 @@ def conform(
     table: str, df: pl.DataFrame, experiment: str, timepoint: int | None = None
 ) -> pl.DataFrame:
     """Add the key columns and return exactly the table's columns in order and types
-    (missing columns become null; extra columns are dropped)."""
+    (known aliases renamed, missing columns null, extra columns dropped). ``timepoint``
+    overrides the frame's own ``timepoint`` column where given."""
     spec = _spec(table)
-    df = df.with_columns(pl.lit(experiment).alias("experiment"))
+    renames = {a: c for a, c in spec.aliases.items() if a in df.columns and c not in df.columns}
+    df = df.rename(renames).with_columns(pl.lit(experiment).alias("experiment"))
     if timepoint is not None:
         df = df.with_columns(pl.lit(timepoint).alias("timepoint"))
     return df.select(
@@ -265,12 +284,13 @@ def write_partition(
 
 
 def read_partitions(root: DataRoot, table: str, experiment: str) -> pl.DataFrame:
-    """All Parquet partitions of one experiment's table (empty frame with the schema if none)."""
+    """All Parquet partitions of one experiment's table as their producers wrote them
+    (empty frame with the schema if none); :func:`conform` gives the warehouse's columns."""
     folder = root.tables(table, experiment)
     files = sorted(folder.glob("*.parquet")) if folder.exists() else []
     if not files:
         return pl.DataFrame(schema=_spec(table).schema)
-    return pl.concat([pl.read_parquet(f) for f in files], how="vertical_relaxed")
+    return pl.concat([pl.read_parquet(f) for f in files], how="diagonal_relaxed")
 
 
 @contextmanager
@@ -325,7 +345,7 @@ def load_experiment(
                 con.execute(f'DELETE FROM "{name}" WHERE experiment = ?', [experiment])
                 df = read_partitions(root, name, experiment)
                 if df.height:
-                    arrow = df.select(list(spec.schema)).to_arrow()
+                    arrow = conform(name, df, experiment).to_arrow()
                     con.register("incoming", arrow)
                     con.execute(f'INSERT INTO "{name}" SELECT * FROM incoming')
                     con.unregister("incoming")

@@ -45,6 +45,23 @@ def processed_from_truth(data_root, tiny_acquisition_dir):
         {"label": "track_id", "begin_t": "begin", "end_t": "end", "parent_label": "parent_track_id"}
     )
     write_partition(data_root, "lineage", "exp1", lineage)
+    # The tracker's tables, in its own column names (t, label, z_um ...), as cell_tracks writes them.
+    from cellrna_pipeline.core.analysis import cell_features
+
+    points = pl.concat(
+        cell_features(truth.cells[t], None, voxel_size=truth.voxel_size).select(
+            pl.col("cell_id").alias("track_id"),
+            pl.lit(t).alias("t"),
+            pl.col("cell_id").alias("label"),
+            pl.col("centroid_z_um").alias("z_um"),
+            pl.col("centroid_y_um").alias("y_um"),
+            pl.col("centroid_x_um").alias("x_um"),
+        )
+        for t in range(record.n_timepoints)
+    )
+    folder = data_root.tables("tracks", "exp1")
+    folder.mkdir(parents=True, exist_ok=True)
+    points.write_parquet(folder / "tracks.parquet")
     return truth
 
 
@@ -82,6 +99,8 @@ def test_tables_and_warehouse_from_ground_truth(data_root, processed_from_truth)
     assert query(data_root, "SELECT count(*) FROM cells").item() == n_cells
     assert query(data_root, "SELECT count(*) FROM cells WHERE track_id IS NULL").item() == 0
     assert query(data_root, "SELECT count(*) FROM lineage").item() == truth.lineage.height
+    assert query(data_root, "SELECT count(*) FROM tracks WHERE centroid_x_um IS NULL").item() == 0
+    assert query(data_root, "SELECT count(*) FROM tracks").item() == n_cells
     summary = query(data_root, "SELECT * FROM experiment_summary").row(0, named=True)
     assert summary["n_tracks"] == truth.lineage.height and summary["n_timepoints"] == 2
 

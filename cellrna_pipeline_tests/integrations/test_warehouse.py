@@ -76,7 +76,7 @@ def test_load_is_idempotent_and_replaces_only_its_experiment(tmp_path):
         ("SELECT * FROM nope", "nope"),
         ("DELETE FROM lineage", "read-only"),
         ("DROP TABLE lineage", "read-only"),
-        ("WITH x AS (SELECT 1) INSERT INTO lineage SELECT 'a', 1, 1, 1, 1", "read-only"),
+        ("WITH x AS (SELECT 1) INSERT INTO lineage SELECT 'a', 1, 1, 1, 1, 1", "read-only"),
         ("SELEC 1", "syntax"),
         ("", "empty"),
     ],

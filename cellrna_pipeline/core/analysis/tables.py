@@ -138,12 +138,9 @@ def experiment_tables(
 
     Returns
     -------
-    ``{"tracks", "cell_behavior", "experiment_summary"}``.
+    ``{"cell_behavior", "experiment_summary"}`` (the tracks table itself is the tracker's).
     """
     tracked = cells.filter(pl.col("track_id").is_not_null())
-    tracks = tracked.select(
-        "track_id", "timepoint", "cell_id", "centroid_z_um", "centroid_y_um", "centroid_x_um"
-    )
     behavior = track_behavior(
         tracked.select(
             "track_id", "timepoint", "centroid_z_um", "centroid_y_um", "centroid_x_um", "volume_um3"
@@ -165,7 +162,6 @@ def experiment_tables(
         mean_nuclear_fraction=_mean(localization["nuclear_fraction"]),
     )
     return {
-        "tracks": tracks,
         "cell_behavior": behavior,
         "experiment_summary": pl.DataFrame([summary]),
     }

@@ -25,10 +25,12 @@ from cellrna_pipeline.core.io import (
     read_label_timepoint,
     read_timepoint,
 )
+from cellrna_pipeline.core.preview import markdown_table
 from cellrna_pipeline.defs.partitions import experiments_partitions
 from cellrna_pipeline.defs.resources import DataRootResource
 from cellrna_pipeline.integrations.warehouse import (
     TABLES,
+    conform,
     load_experiment,
     query,
     read_partitions,
@@ -41,7 +43,6 @@ DERIVED_TABLES = (
     "nuclei",
     "rna_localization",
     "colocalization",
-    "tracks",
     "cell_behavior",
     "experiment_summary",
 )
@@ -56,26 +57,7 @@ _UPSTREAM = [
 
 def _lineage(root, experiment: str) -> pl.DataFrame:
     """The tracker's lineage table with the warehouse's column names."""
-    df = read_partitions(root, "lineage", experiment)
-    renames = {
-        "label": "track_id",
-        "L": "track_id",
-        "B": "begin",
-        "E": "end",
-        "P": "parent_track_id",
-        "parent": "parent_track_id",
-        "parent_id": "parent_track_id",
-    }
-    return df.rename({k: v for k, v in renames.items() if k in df.columns and v not in df.columns})
-
-
-def _markdown(df: pl.DataFrame) -> str:
-    """A small frame as a markdown table (one row per line)."""
-    if df.height == 0:
-        return "empty"
-    cells = [[f"{v:.4g}" if isinstance(v, float) else str(v) for v in row] for row in df.rows()]
-    lines = ["| " + " | ".join(df.columns) + " |", "|" + "---|" * len(df.columns)]
-    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in cells])
+    return conform("lineage", read_partitions(root, "lineage", experiment), experiment)
 
 
 @multi_asset(
@@ -171,7 +153,7 @@ def warehouse(context: AssetExecutionContext, data_root: DataRootResource) -> It
         metadata={
             **{f"rows_{k}": v for k, v in counts.items()},
             "warehouse": MetadataValue.path(str(root.warehouse)),
-            "summary": MetadataValue.md(_markdown(summary)),
+            "summary": MetadataValue.md(markdown_table(summary)),
         }
     )
     # Checks read back from the warehouse what users will query.
