@@ -1,4 +1,4 @@
-"""Dagster layer: partitions, resources, assets by stage, checks, sensors, jobs.
+"""Dagster layer: partitions, resources, assets by stage, checks, sensors, schedules, jobs.
 
 Kept thin: assets read their partition, call one ``core`` function, write, and attach
 metadata.
@@ -8,14 +8,73 @@ from __future__ import annotations
 
 from dagster import Definitions
 
+from cellrna_pipeline.defs.assets.cells import (
+    cell_masks,
+    cell_segmentation_model,
+    check_cell_masks_count_in_range,
+    check_cell_masks_not_empty,
+    check_cell_masks_nuclei_inside_cells,
+    check_cell_segmentation_model_beats_champion,
+)
 from cellrna_pipeline.defs.assets.ingest import raw_volume
+from cellrna_pipeline.defs.assets.preprocess import (
+    camera_calibration,
+    check_camera_calibration_plausible,
+    check_drift_shifts_converged,
+    check_preprocessed_volume_registration_residual,
+    drift_shifts,
+    preprocessed_volume,
+)
+from cellrna_pipeline.defs.assets.reports import experiment_report, qc_preview
+from cellrna_pipeline.defs.assets.spots import check_rna_spots_density, rna_spots
+from cellrna_pipeline.defs.assets.tables import statistics_tables, warehouse
+from cellrna_pipeline.defs.assets.tracking import (
+    cell_tracks,
+    check_cell_tracks_divisions_two_daughters,
+    check_cell_tracks_no_jump_beyond_gate,
+)
 from cellrna_pipeline.defs.checks import check_raw_volume_has_signal
-from cellrna_pipeline.defs.jobs import ingest_job
-from cellrna_pipeline.defs.resources import DataRootResource
+from cellrna_pipeline.defs.jobs import ingest_job, tables_job
+from cellrna_pipeline.defs.resources import DaskResource, DataRootResource
+from cellrna_pipeline.defs.schedules import warehouse_refresh_schedule
 from cellrna_pipeline.defs.sensors import inbox_sensor
 
-ASSETS = [raw_volume]
-CHECKS = [check_raw_volume_has_signal]
+# Topological order: the runner (`cellrna materialize`, the demo) walks this list.
+ASSETS = [
+    raw_volume,
+    camera_calibration,
+    drift_shifts,
+    preprocessed_volume,
+    cell_segmentation_model,
+    cell_masks,
+    rna_spots,
+    cell_tracks,
+    statistics_tables,
+    warehouse,
+    qc_preview,
+    experiment_report,
+]
+TRAINING_ASSETS = [cell_segmentation_model]
+"""Trained only on request (`cellrna train`, or from the UI); the runner skips them by default."""
+
+CHECKS = [
+    check_raw_volume_has_signal,
+    check_camera_calibration_plausible,
+    check_drift_shifts_converged,
+    check_preprocessed_volume_registration_residual,
+    check_cell_masks_not_empty,
+    check_cell_masks_count_in_range,
+    check_cell_masks_nuclei_inside_cells,
+    check_cell_segmentation_model_beats_champion,
+    check_rna_spots_density,
+    check_cell_tracks_no_jump_beyond_gate,
+    check_cell_tracks_divisions_two_daughters,
+]
+
+
+def resources(home: str = "") -> dict[str, object]:
+    """The resources every asset may ask for, with the data root at ``home``."""
+    return {"data_root": DataRootResource(home=home), "dask": DaskResource()}
 
 
 def build_definitions(home: str = "") -> Definitions:
@@ -23,7 +82,8 @@ def build_definitions(home: str = "") -> Definitions:
     return Definitions(
         assets=ASSETS,
         asset_checks=CHECKS,
-        jobs=[ingest_job],
+        jobs=[ingest_job, tables_job],
         sensors=[inbox_sensor],
-        resources={"data_root": DataRootResource(home=home)},
+        schedules=[warehouse_refresh_schedule],
+        resources=resources(home),
     )

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager
+from typing import TYPE_CHECKING
+
 from dagster import ConfigurableResource
 
 from cellrna_pipeline.core.experiment import ExperimentRecord, load_experiment
 from cellrna_pipeline.core.paths import DataRoot
+
+if TYPE_CHECKING:
+    from cellrna_pipeline.integrations.dask import DaskTarget
 
 
 class DataRootResource(ConfigurableResource):
@@ -19,3 +25,22 @@ class DataRootResource(ConfigurableResource):
 
     def experiment(self, name: str) -> ExperimentRecord:
         return load_experiment(self.root, name)
+
+
+class DaskResource(ConfigurableResource):
+    """Where chunked volume work runs (preprocessing and later stages).
+
+    ``address``: a ``dask.distributed`` scheduler (``tcp://host:8786``), e.g. one that
+    dask-jobqueue started on SLURM or that runs on Kubernetes; empty means
+    ``$CELLRNA_DASK_ADDRESS``, and if that is unset too, local threads (``threads`` of
+    them, 0 = one per core). Workers must see the data root at the same path.
+    """
+
+    address: str = ""
+    threads: int = 0
+
+    def scheduler(self) -> AbstractContextManager[DaskTarget]:
+        """``with dask.scheduler() as target:`` runs dask computations there."""
+        from cellrna_pipeline.integrations.dask import dask_scheduler
+
+        return dask_scheduler(self.address or None, threads=self.threads or None)

@@ -12,7 +12,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from dagster import (
-    AssetKey,
     AssetsDefinition,
     DagsterInstance,
     SensorResult,
@@ -23,7 +22,7 @@ from dagster import (
 from cellrna_pipeline.core.errors import InputError
 from cellrna_pipeline.core.experiment import load_experiment
 from cellrna_pipeline.core.paths import DataRoot
-from cellrna_pipeline.defs import ASSETS, CHECKS
+from cellrna_pipeline.defs import ASSETS, CHECKS, TRAINING_ASSETS, resources
 from cellrna_pipeline.defs.partitions import (
     EXPERIMENTS,
     VOLUMES,
@@ -94,19 +93,25 @@ def unregister_partitions(instance: DagsterInstance, experiment: str, n_timepoin
         instance.delete_dynamic_partition(EXPERIMENTS, experiment)
 
 
+def _name(asset: AssetsDefinition) -> str:
+    """The user-facing name: the asset key, or the op name of a multi-asset."""
+    return asset.key.to_user_string() if len(asset.keys) == 1 else asset.node_def.name
+
+
 def _stages(select: Sequence[str] | None) -> list[list[AssetsDefinition]]:
-    """Selected assets in topological order, grouped into runs of one partitions definition."""
-    wanted = {AssetKey.from_user_string(s) for s in select} if select else None
-    known = {a.key for a in ASSETS}
-    if wanted is not None and not wanted <= known:
-        unknown = sorted(k.to_user_string() for k in wanted - known)
-        raise InputError(
-            f"unknown asset(s) {unknown}; known: {sorted(k.to_user_string() for k in known)}"
-        )
+    """Selected assets in topological order, grouped into runs of one partitions definition.
+
+    ``select`` names assets (``raw_volume``) or multi-assets (``statistics_tables``); by
+    default every asset but the training ones.
+    """
+    known = {_name(a): a for a in ASSETS}
+    if select:
+        unknown = sorted(set(select) - set(known))
+        if unknown:
+            raise InputError(f"unknown asset(s) {unknown}; known: {sorted(known)}")
+    chosen = [a for a in ASSETS if (_name(a) in select if select else a not in TRAINING_ASSETS)]
     stages: list[list[AssetsDefinition]] = []
-    for asset in ASSETS:  # ASSETS is kept in topological order
-        if wanted is not None and asset.key not in wanted:
-            continue
+    for asset in chosen:  # ASSETS is kept in topological order
         if stages and stages[-1][0].partitions_def == asset.partitions_def:
             stages[-1].append(asset)
         else:
@@ -140,7 +145,7 @@ def materialize_experiment(
                 f"experiment {experiment!r} has timepoints 0-{record.n_timepoints - 1}, not {t}"
             )
     register_partitions(instance, experiment, record.n_timepoints)
-    resources = {"data_root": DataRootResource(home=str(root.home))}
+    run_resources = resources(str(root.home))
     summaries: list[RunSummary] = []
     for stage in _stages(select):
         pdef = stage[0].partitions_def
@@ -150,10 +155,9 @@ def materialize_experiment(
             keys = [experiment]
         else:
             keys = [None]
-        names = tuple(a.key.to_user_string() for a in stage)
-        checks = [
-            c for c in CHECKS if any(k.asset_key in {a.key for a in stage} for k in c.check_keys)
-        ]
+        names = tuple(_name(a) for a in stage)
+        stage_keys = {k for a in stage for k in a.keys}
+        checks = [c for c in CHECKS if any(k.asset_key in stage_keys for k in c.check_keys)]
         for i, key in enumerate(keys, 1):
             progress(f"{', '.join(names)} [{key or 'unpartitioned'}] ({i}/{len(keys)})")
             result = materialize(
@@ -161,7 +165,7 @@ def materialize_experiment(
                 selection=[*stage, *checks],
                 partition_key=key,
                 instance=instance,
-                resources=resources,
+                resources=run_resources,
                 raise_on_error=False,
                 run_config={"loggers": {"console": {"config": {"log_level": log_level}}}},
             )

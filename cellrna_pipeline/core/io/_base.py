@@ -56,6 +56,37 @@ class Source(abc.ABC):
     def _read_timepoint(self, t: int) -> np.ndarray:
         """``(c, z, y, x)`` for a valid ``t``."""
 
+    def timepoint_dask(self, t: int, *, chunk_z: int | None = None) -> Any:
+        """Timepoint ``t`` as a lazy dask array ``(c, z, y, x)`` of ``meta.dtype``.
+
+        Nothing is read until the array is computed or stored; each chunk reads only its
+        part of the file, so a timepoint larger than memory can be copied chunk by chunk.
+        Chunks are ``(1, chunk_z, y, x)`` (whole planes, the way image files are laid
+        out; default ``chunk_z``: all planes).
+
+        The default reads the whole timepoint in one piece; the TIFF and OME-Zarr sources
+        read by planes / chunks. Compute with the threaded scheduler for TIFF sources
+        (an open file cannot be sent to other processes). NaN/inf in float data raise
+        :class:`InputError` when the chunk holding them is computed.
+        """
+        import dask
+        import dask.array as da
+
+        self._check_t(t)
+        shape = tuple(self.meta.shape_tczyx[1:])
+        block = da.from_delayed(
+            dask.delayed(self.read_timepoint)(int(t)), shape=shape, dtype=self.meta.dtype
+        )
+        return block if chunk_z is None else block.rechunk((1, int(chunk_z), *shape[2:]))
+
+    def _check_t(self, t: int) -> int:
+        if isinstance(t, bool) or not isinstance(t, int | np.integer):
+            raise InputError(f"{self.path}: timepoint must be an integer, got {t!r}")
+        n_t = self.meta.n_timepoints
+        if not 0 <= int(t) < n_t:
+            raise InputError(f"{self.path}: timepoint {t} out of range 0..{n_t - 1}")
+        return int(t)
+
     def close(self) -> None:  # noqa: B027 - optional hook, nothing to release by default
         """Release open files."""
 

@@ -55,13 +55,16 @@ __all__ = [
     "DEFAULT_MIN_SIZE_YX",
     "NGFF_VERSION",
     "READABLE_NGFF_VERSIONS",
+    "auto_chunks_zyx",
     "create_image",
     "create_labels",
     "list_labels",
     "open_image",
+    "preview_level",
     "read_image_meta",
     "read_label_timepoint",
     "read_timepoint",
+    "timepoint_stats",
     "timepoints_written",
     "write_image",
     "write_label_timepoint",
@@ -81,6 +84,36 @@ ZarrFormat = Literal[2, 3]
 _MARKER_RE = re.compile(r"^t(\d{6,})$")
 _LABEL_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _CHANNEL_COLORS = ("0000FF", "00FF00", "FF00FF", "FF0000", "FFFF00", "00FFFF", "FFFFFF")
+
+
+def auto_chunks_zyx(
+    shape_zyx: Sequence[int],
+    itemsize: int,
+    *,
+    target_chunk_mib: float = 8.0,
+    max_slab_mib: float = 128.0,
+    chunk_yx: int = DEFAULT_CHUNK_YX,
+) -> tuple[int, int, int]:
+    """Chunk shape ``(z, y, x)`` for a container of large volumes.
+
+    y and x are ``chunk_yx`` (clipped to the image); z takes as many planes as fit
+    ``target_chunk_mib`` per chunk, but no more than fit ``max_slab_mib`` for a slab of
+    whole planes (``z x y x x``): a file laid out plane by plane (TIFF) is copied one
+    slab at a time, so the slab bounds the memory of a copy. Small volumes get one chunk
+    along z, as :func:`create_image` does by default.
+
+    Examples
+    --------
+    >>> auto_chunks_zyx((32, 256, 256), 2)
+    (32, 256, 256)
+    >>> auto_chunks_zyx((256, 2048, 2048), 2)
+    (16, 256, 256)
+    """
+    z, y, x = (int(s) for s in shape_zyx)
+    cy, cx = min(y, chunk_yx), min(x, chunk_yx)
+    per_chunk = int(target_chunk_mib * 2**20 // max(1, cy * cx * int(itemsize)))
+    per_slab = int(max_slab_mib * 2**20 // max(1, y * x * int(itemsize)))
+    return (max(1, min(z, per_chunk, per_slab)), cy, cx)
 
 
 # --------------------------------------------------------------------------- metadata model
@@ -485,6 +518,114 @@ def _write_pyramid_timepoint(
         _write_marker(ms, t)
 
 
+def _cast_block(block: np.ndarray, target: np.dtype, where: str) -> np.ndarray:
+    return cast_safely(block, target, where=where)
+
+
+def _downsample_block(block: np.ndarray, factors: tuple[int, int, int], labels: bool) -> np.ndarray:
+    return _downsample(block, factors, labels=labels)
+
+
+STORE_BAND_BYTES = 64 * 2**20
+"""A dask array is stored in bands of about this many bytes, one ``compute`` each."""
+
+
+def _bands(
+    shape_czyx: Sequence[int],
+    chunks_czyx: Sequence[int],
+    itemsize: int,
+    *,
+    source_rows: int = 1,
+) -> list[tuple[slice, ...]]:
+    """Chunk-aligned ``(c, z, y, x)`` regions of about :data:`STORE_BAND_BYTES`.
+
+    Storing a dask array band by band bounds what its graph keeps alive: inside one big
+    ``compute`` the scheduler may read input chunks far ahead of the tasks that consume
+    them (and an overlap filter keeps each until all its neighbours are done), so memory
+    grows with the volume. A band holds all channels, some z chunks and some rows of
+    y chunks, always the whole x extent, and at least ``source_rows`` rows of y chunks
+    (so that a source chunk spanning several rows, e.g. a whole TIFF plane, is read once).
+    """
+    c, z, y, x = (int(v) for v in shape_czyx)
+    _, cz, cy, _ = (int(v) for v in chunks_czyx)
+    row_bytes = max(1, c * cz * cy * x * itemsize)  # one z chunk x one y chunk row
+    rows_per_band = max(1, STORE_BAND_BYTES // row_bytes, int(source_rows))
+    rows = [(z0, y0) for z0 in range(0, z, cz) for y0 in range(0, y, cy)]
+    bands: list[tuple[slice, ...]] = []
+    for i in range(0, len(rows), rows_per_band):
+        group = rows[i : i + rows_per_band]
+        z_starts = sorted({z0 for z0, _ in group})
+        if len(z_starts) == 1:
+            y_lo, y_hi = group[0][1], min(y, group[-1][1] + cy)
+            bands.append(
+                (
+                    slice(None),
+                    slice(z_starts[0], min(z, z_starts[0] + cz)),
+                    slice(y_lo, y_hi),
+                    slice(None),
+                )
+            )
+        else:  # whole z chunks (each row group spans every y row of its z chunks)
+            for z0 in z_starts:
+                ys = [y0 for zz, y0 in group if zz == z0]
+                bands.append(
+                    (
+                        slice(None),
+                        slice(z0, min(z, z0 + cz)),
+                        slice(ys[0], min(y, ys[-1] + cy)),
+                        slice(None),
+                    )
+                )
+    return bands
+
+
+def _write_pyramid_timepoint_dask(ms: _Multiscale, t: int, data_czyx: Any, *, labels: bool) -> None:
+    """Block-wise :func:`_write_pyramid_timepoint` of a dask ``(c, z, y, x)`` array.
+
+    Level 0 is stored chunk-aligned (each task writes whole zarr chunks); level ``k`` is
+    computed from the *stored* level ``k - 1`` in blocks of ``factor x chunk``, which
+    gives exactly the values of the in-memory downsampling (a partial block only occurs
+    at the far edge, where the in-memory version pads the same way).
+    """
+    import dask.array as da
+
+    track = ms.has_status()
+    if track:
+        _remove_marker(ms.root, t)
+    where = f"{ms.root} t={t}"
+    data = data_czyx.map_blocks(
+        _cast_block, target=ms.dtype, where=where, dtype=ms.dtype, meta=np.empty((0,) * 4, ms.dtype)
+    )
+    for level in range(len(ms.paths)):
+        array = ms.array(level, write=True)
+        chunks = ms.chunks[level][1:]  # (1, z, y, x)
+        if level > 0:
+            factors = _level_factors(ms.shapes[level - 1], ms.shapes[level], ms.root)
+            previous = da.from_zarr(ms.array(level - 1))[t]
+            block = (1, *(c * f for c, f in zip(chunks[1:], factors, strict=True)))
+            previous = previous.rechunk(block)
+            out_chunks = (previous.chunks[0],) + tuple(
+                tuple(-(-n // f) for n in axis_chunks)
+                for axis_chunks, f in zip(previous.chunks[1:], factors, strict=True)
+            )
+            data = previous.map_blocks(
+                _downsample_block,
+                factors=factors,
+                labels=labels,
+                chunks=out_chunks,
+                dtype=ms.dtype,
+                meta=np.empty((0,) * 4, ms.dtype),
+            )
+        source_rows = -(-max(data.chunks[2]) // chunks[2])  # y chunks per source chunk
+        data = data.rechunk(chunks)
+        for band in _bands(data.shape, chunks, data.dtype.itemsize, source_rows=source_rows):
+            region = (slice(t, t + 1), *band)
+            da.store(data[band][None], array, regions=region, lock=False)  # type: ignore[arg-type]
+        _remove_partial_chunks(ms.root / ms.paths[level], array, t)
+    if track:
+        _write_marker(ms, t)
+
+
 def _remove_partial_chunks(array_dir: Path, array: zarr.Array, t: int) -> None:
     """Delete ``*.partial`` temporaries that a killed writer of timepoint ``t`` left behind.
 
@@ -696,6 +837,10 @@ def write_timepoint(path: str | os.PathLike[str], t: int, volume_czyx: np.ndarra
     t : timepoint index, ``0 <= t < n_timepoints``.
     volume_czyx : array ``(c, z, y, x)`` matching the image; any dtype that casts to the
         image dtype without changing values (see ``cast_safely``). NaN/inf are refused.
+        A **dask array** is written block-wise: level 0 chunk by chunk as the dask
+        scheduler in use computes it, then each coarser level from the stored finer one
+        (blocks of ``factor x chunk``), so memory stays at a few chunks per worker
+        whatever the volume size. Values are identical to an in-memory write.
 
     Raises
     ------
@@ -706,9 +851,21 @@ def write_timepoint(path: str | os.PathLike[str], t: int, volume_czyx: np.ndarra
     _write_image_t(ms, t, volume_czyx)
 
 
+def _is_dask(data: Any) -> bool:
+    return hasattr(data, "dask") and hasattr(data, "chunks") and hasattr(data, "compute")
+
+
 def _write_image_t(ms: _Multiscale, t: int, volume_czyx: Any) -> None:
     _require_tczyx(ms)
     t = _check_t(ms, t)
+    if _is_dask(volume_czyx):
+        want = ms.shapes[0][1:]
+        if tuple(volume_czyx.shape) != want:
+            raise InputError(
+                f"{ms.root} t={t}: volume shape {tuple(volume_czyx.shape)}, expected (c,z,y,x) {want}"
+            )
+        _write_pyramid_timepoint_dask(ms, t, volume_czyx, labels=False)
+        return
     data = np.asarray(volume_czyx)
     want = ms.shapes[0][1:]
     if data.shape != want:
@@ -758,6 +915,41 @@ def open_image(path: str | os.PathLike[str], *, level: int = 0) -> dask.array.Ar
         if a not in ms.axes:
             arr = da.expand_dims(arr, i)
     return arr
+
+
+def preview_level(path: str | os.PathLike[str], *, max_size_yx: int = 512) -> int:
+    """The finest pyramid level whose y and x are both at most ``max_size_yx`` (else the
+    coarsest): cheap to read whole for previews and summaries."""
+    shapes: list[tuple[int, ...]] = list(read_image_meta(path).extra["level_shapes_tczyx"])  # type: ignore[call-overload]
+    for level, shape in enumerate(shapes):
+        if max(shape[3], shape[4]) <= max_size_yx:
+            return level
+    return len(shapes) - 1
+
+
+def timepoint_stats(path: str | os.PathLike[str], t: int) -> dict[str, np.ndarray]:
+    """Per-channel statistics of timepoint ``t`` at full resolution, read chunk by chunk.
+
+    Returns
+    -------
+    dict of ``(c,)`` float64 arrays: ``mean``, ``std``, ``min``, ``max`` and, for integer
+    images, ``saturated_fraction`` (share of voxels at the dtype's maximum). Memory stays
+    at a few chunks whatever the volume size.
+    """
+    import dask.array as da
+
+    ms = _read_multiscale(Path(path))
+    t = _check_t(ms, t)
+    lazy = open_image(path, level=0)[t].astype(np.float64)
+    axes = (1, 2, 3)
+    parts = [lazy.mean(axis=axes), lazy.std(axis=axes), lazy.min(axis=axes), lazy.max(axis=axes)]
+    names = ["mean", "std", "min", "max"]
+    if ms.dtype.kind in "ui":
+        top = float(np.iinfo(ms.dtype).max)
+        parts.append((lazy == top).mean(axis=axes))
+        names.append("saturated_fraction")
+    values = da.compute(*parts)
+    return {n: np.asarray(v, dtype=np.float64) for n, v in zip(names, values, strict=True)}
 
 
 def timepoints_written(path: str | os.PathLike[str], *, label: str | None = None) -> list[int]:
@@ -940,10 +1132,22 @@ def write_label_timepoint(
     t : timepoint index.
     labels_czyx_or_zyx : integer ids ``(c, z, y, x)``, or ``(z, y, x)`` for a one-channel
         label image; values must fit the label dtype (negative ids are refused for
-        unsigned dtypes).
+        unsigned dtypes). A dask array is written block-wise (see
+        :func:`write_timepoint`).
     """
     ms = _label_multiscale(Path(path), name)
     t = _check_t(ms, t)
+    if _is_dask(labels_czyx_or_zyx):
+        lazy = labels_czyx_or_zyx
+        if lazy.ndim == 3 and ms.shapes[0][1] == 1:
+            lazy = lazy[None]
+        if tuple(lazy.shape) != ms.shapes[0][1:] or np.dtype(lazy.dtype).kind == "f":
+            raise InputError(
+                f"{ms.root} t={t}: labels {tuple(lazy.shape)} {lazy.dtype}, expected integer "
+                f"(c,z,y,x) {ms.shapes[0][1:]}"
+            )
+        _write_pyramid_timepoint_dask(ms, t, lazy, labels=True)
+        return
     data = np.asarray(labels_czyx_or_zyx)
     want = ms.shapes[0][1:]
     if data.ndim == 3 and want[0] == 1:

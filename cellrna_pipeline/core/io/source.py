@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -28,6 +29,13 @@ class OmeZarrSource(Source):
 
     def _read_timepoint(self, t: int) -> np.ndarray:
         return omezarr.read_timepoint(self.path, t, level=0)
+
+    def timepoint_dask(self, t: int, *, chunk_z: int | None = None) -> Any:
+        """Lazy ``(c, z, y, x)`` of timepoint ``t`` with the container's own chunks
+        (rechunked in z to ``chunk_z`` planes if given)."""
+        t = self._check_t(t)
+        lazy = omezarr.open_image(self.path, level=0)[t]
+        return lazy if chunk_z is None else lazy.rechunk({1: int(chunk_z)})
 
 
 def _is_zarr_dir(path: Path) -> bool:

@@ -244,6 +244,24 @@ def _check_extent(path: Path, tif: Any, series: Any) -> None:
             raise InputError(f"{path}: truncated TIFF (data ends past the end of the file)")
 
 
+class _CheckedReader:
+    """Array-like over tifffile's zarr store that turns read errors into InputError."""
+
+    def __init__(self, array: Any, path: Path) -> None:
+        self._array = array
+        self._path = path
+        self.shape = tuple(array.shape)
+        self.dtype = array.dtype
+        self.ndim = len(self.shape)
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        with _tifffile_errors(self._path):
+            data = np.asarray(self._array[key])
+        if data.dtype.kind == "f" and not np.isfinite(data).all():
+            raise InputError(f"{self._path}: NaN or infinite values")
+        return data
+
+
 class TiffSource(Source):
     """A TIFF file read lazily: each :meth:`read_timepoint` decodes only that timepoint's pages.
 
@@ -266,6 +284,37 @@ class TiffSource(Source):
                 self._array = zarr.open(self._series.aszarr(level=0), mode="r")
             data = np.asarray(self._array[self._plan.index_for(t)])
         return self._plan.to_czyx(data)
+
+    def timepoint_dask(self, t: int, *, chunk_z: int | None = None) -> Any:
+        """Lazy ``(c, z, y, x)`` dask array of timepoint ``t``; chunks read whole planes.
+
+        Each chunk decodes only its own pages (strips/tiles) through tifffile's zarr
+        store, never the whole file and never through a memory map, so the memory of a
+        copy is bounded by ``chunk_z`` planes per worker thread. Use the threaded (or
+        synchronous) scheduler: the open file cannot be pickled to other processes.
+        """
+        import dask.array as da
+        import zarr
+
+        t = self._check_t(t)
+        with _tifffile_errors(self.path):
+            if self._array is None:
+                self._array = zarr.open(self._series.aszarr(level=0), mode="r")
+            array = self._array
+        shape = array.shape
+        nz = self.meta.shape_tczyx[2]
+        cz = nz if chunk_z is None else max(1, min(int(chunk_z), nz))
+        chunks = tuple(
+            1 if c in "T-" else (cz if c == "Z" else (1 if c == "C" else int(n)))
+            for c, n in zip(self._plan.canonical, shape, strict=True)
+        )
+        lazy = da.from_array(
+            _CheckedReader(array, self.path),
+            chunks=chunks,
+            asarray=True,
+            meta=np.empty((0,) * len(shape), dtype=array.dtype),
+        )
+        return self._plan.to_czyx(lazy[self._plan.index_for(t)])
 
     def close(self) -> None:
         self._array = None

@@ -9,6 +9,9 @@ from cellrna_pipeline.core.synth.generator import (
     LINEAGE_SCHEMA,
     SPOT_TABLE_SCHEMA,
     SynthAcquisition,
+    channel_shifts_px,
+    illumination_of,
+    make_calibration_images,
     synthesize,
 )
 from cellrna_pipeline.core.synth.manifest import (
@@ -18,9 +21,15 @@ from cellrna_pipeline.core.synth.manifest import (
     read_manifest,
     write_manifest,
 )
-from cellrna_pipeline.core.synth.write import load_ground_truth, read_ctc_lineage, write_acquisition
+from cellrna_pipeline.core.synth.write import (
+    CALIBRATION_FILES,
+    load_ground_truth,
+    read_ctc_lineage,
+    write_acquisition,
+)
 
 __all__ = [
+    "CALIBRATION_FILES",
     "LINEAGE_SCHEMA",
     "MANIFEST_FORMAT",
     "MANIFEST_NAME",
@@ -28,7 +37,10 @@ __all__ = [
     "SynthAcquisition",
     "SynthConfig",
     "acquisition_is_complete",
+    "channel_shifts_px",
+    "illumination_of",
     "load_ground_truth",
+    "make_calibration_images",
     "read_ctc_lineage",
     "read_manifest",
     "synthesize",

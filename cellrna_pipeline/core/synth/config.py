@@ -15,6 +15,8 @@ from pydantic import ValidationError
 from cellrna_pipeline.core.config import StrictModel
 from cellrna_pipeline.core.errors import InputError
 
+_MAX_CHANNEL_SHIFT_NM = 5000.0
+
 
 class SynthConfig(StrictModel):
     """Everything that decides one synthetic acquisition; same config -> same bytes.
@@ -61,6 +63,11 @@ class SynthConfig(StrictModel):
     camera_offset_adu: float = 100.0
     camera_gain_adu_per_e: float = 1.0
     read_noise_e: float = 2.0
+    # chromatic aberration: channel c is imaged displaced by channel_shift_zyx_nm[c]
+    # (z, y, x) relative to the labels and the spot table; () = no shift
+    channel_shift_zyx_nm: tuple[tuple[float, float, float], ...] = ()
+    # also make calibration images: dark frames, a flat-field slide, a bead volume
+    calibration_images: bool = True
 
     # dynamics
     motion_um_per_frame: float = 1.0
@@ -174,6 +181,19 @@ def _check_ranges(c: SynthConfig) -> None:
     non_negative("camera_offset_adu", c.camera_offset_adu)
     positive("camera_gain_adu_per_e", c.camera_gain_adu_per_e)
     non_negative("read_noise_e", c.read_noise_e)
+    if c.channel_shift_zyx_nm:
+        n_channels = len(c.channel_names)
+        if len(c.channel_shift_zyx_nm) != n_channels:
+            raise InputError(
+                f"channel_shift_zyx_nm needs one (z, y, x) shift per channel ({n_channels}), "
+                f"got {len(c.channel_shift_zyx_nm)}"
+            )
+        for shift in c.channel_shift_zyx_nm:
+            if any(not math.isfinite(v) or abs(v) > _MAX_CHANNEL_SHIFT_NM for v in shift):
+                raise InputError(
+                    f"channel_shift_zyx_nm values must be finite and within "
+                    f"+-{_MAX_CHANNEL_SHIFT_NM:g} nm, got {list(shift)}"
+                )
     if c.background_photons == 0 and c.read_noise_e == 0:
         raise InputError("background_photons and read_noise_e are both 0: snr is undefined")
     non_negative("motion_um_per_frame", c.motion_um_per_frame)

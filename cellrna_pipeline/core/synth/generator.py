@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import polars as pl
+from scipy import ndimage as ndi
 
 from cellrna_pipeline.core.synth.config import SynthConfig
 from cellrna_pipeline.core.synth.labels import (
@@ -65,6 +66,11 @@ _NUCLEOLUS_SIGMA_UM = (0.5, 0.5, 0.5)
 _NUCLEOLUS_DEPTH = 0.6  # nucleoli dim the nuclear stain by up to 60 %
 _MITOTIC_BRIGHTNESS = 1.6  # condensed chromatin just before and after a division
 _CYTO_STAIN_IN_NUCLEUS = 0.3
+# calibration images (see make_calibration_images)
+_DARK_FRAMES = 8
+_FLAT_PHOTONS = 4000.0  # e- per voxel of a uniform fluorescent slide
+_BEAD_PHOTONS = 2000.0  # e- at the peak of a sub-resolution bead
+_BEADS_PER_UM2 = 0.04  # lateral bead density
 
 
 @dataclass(frozen=True)
@@ -87,6 +93,13 @@ class SynthAcquisition:
     voxel_size : physical voxel size (micrometres).
     frame_interval_s : time between frames in seconds.
     config : the configuration that made it.
+    illumination : ``(z, y, x)`` float32 flat-field of mean 1 that multiplied every channel
+        (vignetting, fixed to the camera); ``None`` if unknown.
+    calibration_dark : ``(n, y, x)`` uint16 dark frames (offset + read noise, no light).
+    calibration_flat : ``(c, y, x)`` uint16 image of a uniform fluorescent slide per channel.
+    calibration_beads : ``(c, z, y, x)`` uint16 sub-resolution beads seen in every channel,
+        each channel displaced by its chromatic shift. The three are ``None`` when
+        ``config.calibration_images`` is false.
     """
 
     image: np.ndarray | None
@@ -100,11 +113,30 @@ class SynthAcquisition:
     voxel_size: VoxelSize
     frame_interval_s: float
     config: SynthConfig
+    illumination: np.ndarray | None = None
+    calibration_dark: np.ndarray | None = None
+    calibration_flat: np.ndarray | None = None
+    calibration_beads: np.ndarray | None = None
 
     @property
     def drift_zyx_px(self) -> np.ndarray:
         """``(t, 3)`` drift in voxels."""
         return self.drift_zyx_um / np.asarray(self.voxel_size.as_tuple())
+
+    @property
+    def channel_shifts_zyx_px(self) -> np.ndarray:
+        """``(c, 3)`` chromatic shift of each channel in voxels: channel ``c`` shows the
+        sample displaced by this much relative to the labels (and channel 0 when its shift
+        is 0). Zeros when the config has none."""
+        return channel_shifts_px(self.config)
+
+    @property
+    def flat_field_yx(self) -> np.ndarray | None:
+        """``(y, x)`` float64 lateral flat-field of mean 1 (the vignetting), or ``None``."""
+        if self.illumination is None:
+            return None
+        field = self.illumination.mean(axis=0, dtype=np.float64)
+        return field / field.mean()
 
     @property
     def meta(self) -> ImageMeta:
@@ -144,6 +176,81 @@ def _slab(labels: np.ndarray, margin: int) -> slice:
     )
 
 
+def channel_shifts_px(config: SynthConfig) -> np.ndarray:
+    """``(c, 3)`` float64 chromatic shift per channel in voxels (zeros if none configured)."""
+    n_c = len(config.channel_names)
+    if not config.channel_shift_zyx_nm:
+        return np.zeros((n_c, 3))
+    return np.asarray(config.channel_shift_zyx_nm, dtype=np.float64) / (
+        1000.0 * np.asarray(config.voxel_size_um)
+    )
+
+
+def _shifted(image: np.ndarray, shift_px: np.ndarray) -> np.ndarray:
+    """``image`` displaced by ``shift_px`` (cubic spline; unchanged if the shift is 0)."""
+    if not np.any(shift_px):
+        return image
+    return ndi.shift(image, shift_px, order=3, mode="nearest").astype(np.float32, copy=False)
+
+
+def _illumination(config: SynthConfig, tex_rng: np.random.Generator) -> np.ndarray:
+    return illumination_field(config.shape_zyx, config.illumination_falloff, tex_rng)
+
+
+def illumination_of(config: SynthConfig) -> np.ndarray:
+    """The ``(z, y, x)`` flat-field that :func:`synthesize` uses for ``config`` (exactly)."""
+    tex_rng = np.random.default_rng(config.seed).spawn(4)[2]
+    return _illumination(config, tex_rng)
+
+
+def make_calibration_images(
+    config: SynthConfig, illum: np.ndarray, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Dark frames, flat-field slide images and a bead volume for ``config``.
+
+    Returns
+    -------
+    dark : ``(8, y, x)`` uint16, camera offset + read noise without light.
+    flat : ``(c, y, x)`` uint16, a uniform slide (4000 e-) seen through the
+        illumination's lateral profile, one image per channel.
+    beads : ``(c, z, y, x)`` uint16, sub-resolution beads (PSF-sized, 2000 e- peak)
+        over the background; channel ``c`` displaced by its chromatic shift.
+    """
+    c = config
+    _, ny, nx = c.shape_zyx
+    vox = c.voxel_size_um
+    camera_kw = {
+        "gain_adu_per_e": c.camera_gain_adu_per_e,
+        "read_noise_e": c.read_noise_e,
+        "offset_adu": c.camera_offset_adu,
+    }
+    dark = np.stack(
+        [camera(np.zeros((ny, nx), np.float32), rng, **camera_kw) for _ in range(_DARK_FRAMES)]
+    )
+    field_yx = illum.mean(axis=0)
+    field_yx /= field_yx.mean()
+    flat = np.stack(
+        [camera(field_yx * np.float32(_FLAT_PHOTONS), rng, **camera_kw) for _ in c.channel_names]
+    )
+    psf = psf_sigma_vox(c.psf_sigma_nm, vox)
+    area_um2 = ny * vox[1] * nx * vox[2]
+    n_beads = max(4, int(rng.poisson(_BEADS_PER_UM2 * area_um2)))
+    lo = np.array([0.2, 0.05, 0.05]) * np.asarray(c.shape_zyx)
+    hi = np.array([0.8, 0.95, 0.95]) * np.asarray(c.shape_zyx)
+    centres = rng.uniform(lo, hi, (n_beads, 3))
+    amplitudes = np.full(n_beads, _BEAD_PHOTONS) * rng.uniform(0.7, 1.3, n_beads)
+    shifts = channel_shifts_px(c)
+    background = illum * np.float32(c.background_photons)
+    beads = np.empty((len(c.channel_names), *c.shape_zyx), dtype=np.uint16)
+    for ch in range(len(c.channel_names)):
+        photons = np.zeros(c.shape_zyx, dtype=np.float32)
+        add_gaussian_spots(photons, centres + shifts[ch], amplitudes, psf)
+        photons *= illum
+        photons += background
+        beads[ch] = camera(photons, rng, **camera_kw)
+    return dark, flat, beads
+
+
 def synthesize(config: SynthConfig) -> SynthAcquisition:
     """Make a synthetic ``(t, c, z, y, x)`` acquisition with exact ground truth.
 
@@ -152,7 +259,9 @@ def synthesize(config: SynthConfig) -> SynthAcquisition:
     ``snr`` or ``spots_per_cell`` leaves the cells, their motion and the drift unchanged.
     """
     c = config
-    geo_rng, spot_rng, tex_rng, noise_rng = np.random.default_rng(c.seed).spawn(4)
+    # a fifth stream for calibration images: the first four are those of earlier versions,
+    # so acquisitions without the new options are bit-identical to theirs
+    geo_rng, spot_rng, tex_rng, noise_rng, calib_rng = np.random.default_rng(c.seed).spawn(5)
     n_t, (nz, ny, nx) = c.timepoints, c.shape_zyx
     shape = c.shape_zyx
     vox = c.voxel_size_um
@@ -168,7 +277,8 @@ def synthesize(config: SynthConfig) -> SynthAcquisition:
     population = Population(c, geo_rng)
     population.seed_cells()
 
-    illum = illumination_field(shape, c.illumination_falloff, tex_rng)
+    illum = _illumination(c, tex_rng)
+    shifts_px = channel_shifts_px(c)
     texture = Texture(shape, sigma_um_to_vox(_TEXTURE_SIGMA_UM, vox))
     psf = psf_sigma_vox(c.psf_sigma_nm, vox)
     nucleolus_sigma = sigma_um_to_vox(_NUCLEOLUS_SIGMA_UM, vox)
@@ -274,6 +384,7 @@ def synthesize(config: SynthConfig) -> SynthAcquisition:
             blur(img, psf)
         for ch, img in enumerate((nucleus_img, cyto_img)):
             photons = background.copy()
+            img = _shifted(img, shifts_px[ch])  # chromatic shift: the optics, before the camera
             img *= illum[slab]
             photons[slab] += img
             image[t, ch] = camera(photons, noise_rng, **camera_kw)
@@ -293,9 +404,12 @@ def synthesize(config: SynthConfig) -> SynthAcquisition:
             )
             centres = frame_spots.centres_vox
             rna_img = np.zeros(shape, dtype=np.float32)
-            rna_img[slab] = autofluo
+            rna_img[slab] = _shifted(autofluo, shifts_px[2 + r])
             add_gaussian_spots(
-                rna_img, centres, frame_spots.amplitudes_adu / c.camera_gain_adu_per_e, psf
+                rna_img,
+                centres + shifts_px[2 + r],
+                frame_spots.amplitudes_adu / c.camera_gain_adu_per_e,
+                psf,
             )
             rna_img *= illum
             rna_img += background
@@ -339,6 +453,9 @@ def synthesize(config: SynthConfig) -> SynthAcquisition:
         for cell in population.cells:
             cell.is_daughter = False
 
+    calibration: tuple[np.ndarray | None, ...] = (None, None, None)
+    if c.calibration_images:
+        calibration = make_calibration_images(c, illum, calib_rng)
     spot_table = pl.concat(tables) if tables else pl.DataFrame(schema=SPOT_TABLE_SCHEMA)
     lineage_df = pl.DataFrame(
         {
@@ -361,4 +478,8 @@ def synthesize(config: SynthConfig) -> SynthAcquisition:
         voxel_size=VoxelSize.from_um(vox),
         frame_interval_s=c.frame_interval_s,
         config=c,
+        illumination=illum,
+        calibration_dark=calibration[0],
+        calibration_flat=calibration[1],
+        calibration_beads=calibration[2],
     )

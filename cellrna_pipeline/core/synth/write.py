@@ -10,7 +10,15 @@ Layout of ``out_dir``::
     ground_truth/drift.csv             timepoint, dz_um, dy_um, dx_um, dz_px, dy_px, dx_px
     ground_truth/TRA/man_track000.tif  (z, y, x) uint16 cell labels per frame (CTC)
     ground_truth/TRA/man_track.txt     CTC lineage, lines "L B E P"
+    ground_truth/channel_shifts.csv    channel, dz_px, dy_px, dx_px, dz_nm, dy_nm, dx_nm
+    ground_truth/flat_field.tif        (y, x) float32 lateral flat-field of mean 1
+    calibration/dark.tif               (n, y, x) uint16 dark frames          } when the config
+    calibration/flat.tif               (c, y, x) uint16 uniform-slide images } has calibration
+    calibration/beads.tif              (c, z, y, x) uint16 bead volume       } images
     manifest.json                      written last, atomically (see manifest.py)
+
+The manifest lists the calibration images under ``"calibration"``:
+``{"dark": "calibration/dark.tif", "flat": "calibration/flat.tif", "beads": ...}``.
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ from cellrna_pipeline.core.synth.generator import (
     LINEAGE_SCHEMA,
     SPOT_TABLE_SCHEMA,
     SynthAcquisition,
+    illumination_of,
 )
 from cellrna_pipeline.core.synth.manifest import (
     MANIFEST_FORMAT,
@@ -42,6 +51,12 @@ GT_DIR = "ground_truth"
 CTC_DIR = f"{GT_DIR}/TRA"
 CTC_LINEAGE = f"{CTC_DIR}/man_track.txt"
 DRIFT_COLUMNS = ("timepoint", "dz_um", "dy_um", "dx_um", "dz_px", "dy_px", "dx_px")
+CALIBRATION_DIR = "calibration"
+CALIBRATION_FILES = {
+    "dark": f"{CALIBRATION_DIR}/dark.tif",
+    "flat": f"{CALIBRATION_DIR}/flat.tif",
+    "beads": f"{CALIBRATION_DIR}/beads.tif",
+}
 
 
 def _write_labels(path: Path, labels: np.ndarray, axes: str | None = None) -> None:
@@ -126,6 +141,47 @@ def write_acquisition(acq: SynthAcquisition, out_dir: Path) -> Path:
     drift.write_csv(out_dir / rel)
     written.append(rel)
 
+    shifts_px = acq.channel_shifts_zyx_px
+    shifts_nm = shifts_px * 1000.0 * np.asarray(acq.voxel_size.as_tuple())
+    rel = f"{GT_DIR}/channel_shifts.csv"
+    pl.DataFrame(
+        {
+            "channel": list(acq.channel_names),
+            "dz_px": shifts_px[:, 0],
+            "dy_px": shifts_px[:, 1],
+            "dx_px": shifts_px[:, 2],
+            "dz_nm": shifts_nm[:, 0],
+            "dy_nm": shifts_nm[:, 1],
+            "dx_nm": shifts_nm[:, 2],
+        }
+    ).write_csv(out_dir / rel)
+    written.append(rel)
+    flat_field = acq.flat_field_yx
+    if flat_field is not None:
+        rel = f"{GT_DIR}/flat_field.tif"
+        tifffile.imwrite(out_dir / rel, flat_field.astype(np.float32))
+        written.append(rel)
+
+    calibration = {}
+    for key, images, axes in (
+        ("dark", acq.calibration_dark, "QYX"),
+        ("flat", acq.calibration_flat, "CYX"),
+        ("beads", acq.calibration_beads, "CZYX"),
+    ):
+        if images is None:
+            continue
+        rel = CALIBRATION_FILES[key]
+        (out_dir / rel).parent.mkdir(parents=True, exist_ok=True)
+        tifffile.imwrite(
+            out_dir / rel,
+            images,
+            metadata={"axes": axes},
+            compression="zlib",
+            compressionargs={"level": 1},
+        )
+        written.append(rel)
+        calibration[key] = rel
+
     for t in range(n_t):
         rel = ctc_mask_name(t)
         _write_labels(out_dir / rel, acq.cells[t].astype(np.uint16))
@@ -144,6 +200,8 @@ def write_acquisition(acq: SynthAcquisition, out_dir: Path) -> Path:
         "frame_interval_s": acq.frame_interval_s,
         "generator": acq.config.model_dump(mode="json"),
     }
+    if calibration:
+        manifest["calibration"] = calibration
     write_manifest(out_dir, manifest)
     return out_dir
 
@@ -175,6 +233,11 @@ def load_ground_truth(out_dir: Path, *, with_image: bool = True) -> SynthAcquisi
         )
     config = SynthConfig.model_validate(manifest["generator"])
     gt = out_dir / GT_DIR
+    calibration = {
+        key: tifffile.imread(out_dir / rel)
+        for key, rel in (manifest.get("calibration") or {}).items()
+        if key in CALIBRATION_FILES
+    }
     spot_table = pl.read_csv(gt / "spots.csv", schema=SPOT_TABLE_SCHEMA)
     drift = pl.read_csv(gt / "drift.csv")
     return SynthAcquisition(
@@ -189,4 +252,8 @@ def load_ground_truth(out_dir: Path, *, with_image: bool = True) -> SynthAcquisi
         voxel_size=VoxelSize.from_um(manifest["voxel_size_um"]),
         frame_interval_s=float(manifest["frame_interval_s"]),
         config=config,
+        illumination=illumination_of(config),
+        calibration_dark=calibration.get("dark"),
+        calibration_flat=calibration.get("flat"),
+        calibration_beads=calibration.get("beads"),
     )

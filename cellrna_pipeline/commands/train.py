@@ -1,0 +1,193 @@
+"""``cellrna train cells|spots [--steps N] [--register]``: train a segmentation model.
+
+``cells`` trains the cell Mask R-CNN on synthetic data (the defaults reproduce the shipped
+champion) and writes a model folder; ``--register`` logs the run to the data root's
+MLflow and registers the model as ``challenger`` of ``cellrna-cell-maskrcnn``;
+``--promote`` also makes it ``champion`` if it beats the current one on unseen
+validation volumes. ``spots`` calls the RNA-spot model's trainer
+(``cellrna_pipeline.core.spots.maskrcnn.train_spot_model``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from typing import Any
+
+from cellrna_pipeline.core.errors import InputError
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "train",
+        help="train the cell or spot segmentation model (optionally register it in MLflow)",
+        description="Train a Mask R-CNN from scratch on the synthetic generator. Long: shows progress.",
+    )
+    p.add_argument("target", choices=("cells", "spots"), help="which model")
+    p.add_argument("--steps", type=int, help="optimizer steps (default: the champion's recipe)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--volumes", type=int, help="cells: synthetic training volumes (default 48)")
+    p.add_argument(
+        "--register", action="store_true", help="log to MLflow and register as 'challenger'"
+    )
+    p.add_argument(
+        "--promote",
+        action="store_true",
+        help="with --register: make it 'champion' if it beats the current one",
+    )
+    p.add_argument(
+        "--out", help="model folder to write (default: $CELLRNA_HOME/models/<name>-<time>)"
+    )
+    p.add_argument("--home", help="data root (default: $CELLRNA_HOME, else ./cellrna_home)")
+    p.set_defaults(func=run)
+
+
+def _progress(msg: str) -> None:
+    sys.stderr.write(f"[{time.strftime('%H:%M:%S')}] {msg}\n")
+    sys.stderr.flush()
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.steps is not None and args.steps < 1:
+        raise InputError(f"--steps must be >= 1, got {args.steps}")
+    if args.promote and not args.register:
+        raise InputError("--promote needs --register")
+    if args.target == "spots":
+        if args.promote:
+            raise InputError(
+                "--promote is implemented for cells only; spot models are promoted by their own check"
+            )
+        return _train_spots(args)
+    return _train_cells(args)
+
+
+def _out_dir(args: argparse.Namespace, root: Any, name: str):
+    from pathlib import Path
+
+    if args.out:
+        return Path(args.out)
+    return root.home / "models" / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def _train_cells(args: argparse.Namespace) -> int:
+    from cellrna_pipeline.core.paths import DataRoot
+    from cellrna_pipeline.core.segmentation.train import DatasetConfig, TrainConfig, run_training
+
+    root = DataRoot.from_env(args.home)
+    if args.volumes is not None and args.volumes < 1:
+        raise InputError(f"--volumes must be >= 1, got {args.volumes}")
+    data = DatasetConfig(seed=args.seed)
+    fields: dict[str, Any] = {"seed": args.seed, "data": data}
+    if args.volumes is not None:
+        fields["data"] = DatasetConfig(seed=args.seed, n_volumes=args.volumes)
+        fields["val_data"] = DatasetConfig(
+            seed=TrainConfig().val_data.seed, n_volumes=max(1, min(4, args.volumes // 8))
+        )
+    if args.steps is not None:
+        fields["steps"] = args.steps
+    config = TrainConfig(**fields)
+    out = _out_dir(args, root, "cell-maskrcnn")
+    command = (
+        "cellrna train cells"
+        + (f" --steps {args.steps}" if args.steps else "")
+        + (f" --seed {args.seed}" if args.seed else "")
+        + (f" --volumes {args.volumes}" if args.volumes else "")
+    )
+    registry, run_id, callbacks = None, None, []
+    if args.register:
+        from cellrna_pipeline.integrations.mlflow_registry import (
+            MlflowRegistry,
+            MlflowTrainingLogger,
+        )
+
+        registry = MlflowRegistry.for_data_root(root)
+        run_id = registry.start_run(
+            "cellrna-cell-training", run_name=command, params=config.model_dump(mode="json")
+        )
+        callbacks.append(MlflowTrainingLogger(registry, run_id))
+    root.home.mkdir(parents=True, exist_ok=True)
+    result, folder = run_training(
+        config,
+        out,
+        cache_dir=root.home / "training_data",
+        callbacks=callbacks,
+        progress=_progress,
+        command=command,
+    )
+    print(
+        f"wrote {folder} ({result.steps} steps, {result.steps_per_s:.2f} steps/s, {result.seconds / 60:.1f} min)"
+    )
+    if registry is not None and run_id is not None and folder is not None:
+        from cellrna_pipeline.integrations.mlflow_registry import CELL_MODEL, CHALLENGER
+
+        version = registry.log_model_folder(
+            folder, CELL_MODEL, run_id=run_id, aliases=(CHALLENGER,)
+        )
+        registry.client.set_terminated(run_id)
+        print(
+            f"registered {CELL_MODEL} version {version.version} as '{CHALLENGER}' (MLflow run {run_id})"
+        )
+        if args.promote:
+            from cellrna_pipeline.core.segmentation.evaluate import (
+                VALIDATION_SEED,
+                VALIDATION_VOLUMES,
+                compare_models,
+                synthetic_volumes,
+            )
+            from cellrna_pipeline.core.segmentation.model import load_model_folder
+
+            champion = load_model_folder(registry.load_model_folder(CELL_MODEL).path)
+            comparison = compare_models(
+                result.model, champion, synthetic_volumes(VALIDATION_VOLUMES, seed=VALIDATION_SEED)
+            )
+            verdict = f"challenger {comparison.challenger_score:.4f} vs champion {comparison.champion_score:.4f}"
+            if comparison.challenger_wins:
+                registry.promote(CELL_MODEL, version.version)
+                print(f"promoted version {version.version} to 'champion' ({verdict})")
+            else:
+                print(f"kept the champion ({verdict})")
+    return 0
+
+
+def _train_spots(args: argparse.Namespace) -> int:
+    import importlib
+    from pathlib import Path
+
+    from cellrna_pipeline.core.paths import DataRoot
+
+    try:
+        module = importlib.import_module("cellrna_pipeline.core.spots.maskrcnn")
+    except ImportError as exc:
+        raise InputError(
+            f"spot model training is not available in this installation ({exc.__class__.__name__}: {exc})"
+        ) from None
+    train_spot_model = getattr(module, "train_spot_model", None)
+    if train_spot_model is None:
+        raise InputError(
+            "cellrna_pipeline.core.spots.maskrcnn has no train_spot_model(); cannot train spots"
+        )
+    root = DataRoot.from_env(args.home)
+    fields: dict[str, Any] = {"seed": args.seed}
+    if args.steps is not None:
+        fields["steps"] = args.steps
+    config_cls = getattr(module, "SpotTrainConfig", None) or getattr(module, "TrainConfig", None)
+    config: Any = config_cls(**fields) if config_cls is not None else fields
+    result = train_spot_model(config, progress=_progress)
+    folder = result if isinstance(result, str | Path) else getattr(result, "folder", None)
+    print(f"trained the spot model{f': {folder}' if folder else ''}")
+    if args.register:
+        if folder is None:
+            raise InputError("train_spot_model returned no model folder; cannot register it")
+        from cellrna_pipeline.integrations.mlflow_registry import (
+            CHALLENGER,
+            RNA_MODEL,
+            MlflowRegistry,
+        )
+
+        registry = MlflowRegistry.for_data_root(root)
+        version = registry.log_model_folder(
+            Path(folder), RNA_MODEL, experiment="cellrna-rna-training", aliases=(CHALLENGER,)
+        )
+        print(f"registered {RNA_MODEL} version {version.version} as '{CHALLENGER}'")
+    return 0

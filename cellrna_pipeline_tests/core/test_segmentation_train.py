@@ -1,0 +1,171 @@
+"""Training: synthetic slices, COCO round trip, augmentation, the loop with checkpoints,
+and DDP with torchrun (2 CPU processes, gloo)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from cellrna_pipeline.core.segmentation.model import MaskRCNNConfig, load_model_folder
+from cellrna_pipeline.core.segmentation.train import (
+    AugmentConfig,
+    DatasetConfig,
+    TrainConfig,
+    augment,
+    export_coco,
+    import_coco,
+    make_samples,
+    make_target,
+    train_model,
+)
+
+TINY_MODEL = MaskRCNNConfig(
+    fpn_channels=32,
+    input_size_px=64,
+    box_head_dim=64,
+    mask_head_channels=32,
+    mask_head_layers=1,
+    semantic_channels=16,
+)
+TINY_DATA = DatasetConfig(n_volumes=1, seed=5, shape_zyx=(6, 64, 64), empty_slices_per_volume=1)
+
+
+@pytest.fixture(scope="module")
+def samples():
+    return make_samples(TINY_DATA, canonical_px=12.0)
+
+
+def test_samples_are_deterministic_and_consistent(samples):
+    again = make_samples(TINY_DATA, canonical_px=12.0)
+    assert len(samples) == len(again) >= 2
+    for a, b in zip(samples, again, strict=True):
+        assert np.array_equal(a.image, b.image) and np.array_equal(a.cells, b.cells)
+        assert a.image.shape[0] == 2 and a.image.shape[1:] == a.cells.shape
+        inside = a.nuclei > 0
+        assert (a.cells[inside] == a.nuclei[inside]).all()
+    assert any(not s.cells.any() for s in samples)  # an empty slice is kept
+
+
+def test_coco_round_trip(samples, tmp_path):
+    folder = export_coco(samples, tmp_path / "coco")
+    coco = json.loads((folder / "annotations.json").read_text())
+    assert {c["name"] for c in coco["categories"]} == {"cell", "nucleus"}
+    back = import_coco(folder)
+    for a, b in zip(samples, back, strict=True):
+        assert np.array_equal(a.cells, b.cells) and np.array_equal(a.nuclei, b.nuclei)
+        assert np.allclose(a.image, b.image, atol=2e-3 * max(1.0, float(np.abs(a.image).max())))
+
+
+def test_augment_modes_and_targets(samples):
+    rng = np.random.default_rng(0)
+    full = next(s for s in samples if s.cells.any())
+    only_nucleus = AugmentConfig(nucleus_only_probability=1.0)
+    img, inst, sem = augment(full, rng, tile_px=64, config=only_nucleus)
+    assert img.shape == (2, 64, 64) and inst.shape == sem.shape == (64, 64)
+    assert not img[1].any() and not (sem == 2).any()  # cell channel dropped: nuclei are the objects
+    img, inst, sem = augment(
+        full,
+        rng,
+        tile_px=64,
+        config=AugmentConfig(nucleus_only_probability=0.0, cell_only_probability=0.0),
+    )
+    target = make_target(inst, sem)
+    assert target["masks"].shape[0] == target["boxes"].shape[0] == target["labels"].shape[0]
+    boxes = target["boxes"].numpy()
+    assert (boxes[:, 2] > boxes[:, 0]).all() and (boxes[:, 3] > boxes[:, 1]).all()
+
+
+def test_train_loop_checkpoints_and_resumes(samples, tmp_path):
+    events = []
+
+    class Recorder:
+        def on_step(self, step, losses, seconds):
+            events.append(("step", step, losses["loss"]))
+
+        def on_validation(self, step, metrics):
+            events.append(("val", step, metrics["val_ap50"]))
+
+    config = TrainConfig(
+        steps=2,
+        batch_size=1,
+        warmup_steps=1,
+        validate_every=2,
+        checkpoint_every=1,
+        val_slices=2,
+        model=TINY_MODEL,
+        data=TINY_DATA,
+    )
+    result = train_model(
+        config,
+        train_samples=samples,
+        val_samples=samples,
+        checkpoint_dir=tmp_path,
+        callbacks=[Recorder()],
+    )
+    assert [e[1] for e in events if e[0] == "step"] == [1, 2]
+    assert all(np.isfinite(e[2]) for e in events)
+    assert [e[0] for e in events].count("val") == 1 and 0.0 <= result.metrics["val_ap50"] <= 1.0
+    state = torch.load(tmp_path / "last.pt", weights_only=False)
+    assert state["step"] == 2
+    resumed = train_model(
+        config.model_copy(update={"steps": 3}), train_samples=samples, checkpoint_dir=tmp_path
+    )
+    assert len(resumed.history) == 1 and resumed.history[0]["step"] == 3
+
+
+@pytest.mark.slow
+def test_ddp_with_torchrun_two_cpu_processes(tmp_path):
+    """torchrun --nproc_per_node 2 on CPU (gloo): both ranks train, rank 0 writes the model."""
+    config = TrainConfig(
+        steps=2,
+        batch_size=1,
+        warmup_steps=1,
+        validate_every=2,
+        checkpoint_every=2,
+        val_slices=2,
+        model=TINY_MODEL,
+        data=TINY_DATA,
+        val_data=TINY_DATA,
+    )
+    (tmp_path / "config.json").write_text(config.model_dump_json())
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "CELLRNA_TORCH_THREADS": "1",
+        "CELLRNA_DEVICE": "cpu",
+    }
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "cellrna_pipeline.core.segmentation.train",
+        "--config",
+        str(tmp_path / "config.json"),
+        "--out",
+        str(tmp_path / "model"),
+        "--cache",
+        str(tmp_path / "cache"),
+    ]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "x 2 processes" in proc.stdout
+    sums = {
+        line.split()[1]: line.split()[-1]
+        for line in proc.stdout.splitlines()
+        if "parameter checksum" in line
+    }
+    assert set(sums) == {"0", "1"} and sums["0"] == sums["1"]  # replicas stayed in sync
+    model = load_model_folder(tmp_path / "model")
+    training = json.loads((tmp_path / "model" / "config.json").read_text())["training"]
+    assert training["world_size"] == 2
+    assert model.config == TINY_MODEL
