@@ -17,7 +17,9 @@ import numpy as np
 import polars as pl
 
 
-def make_spots(n: int, *, n_cells: int = 20000, timepoints: int = 10, seed: int = 0) -> pl.DataFrame:
+def make_spots(
+    n: int, *, n_cells: int = 20000, timepoints: int = 10, seed: int = 0
+) -> pl.DataFrame:
     rng = np.random.default_rng(seed)
     return pl.DataFrame(
         {
