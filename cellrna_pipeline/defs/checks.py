@@ -3,7 +3,7 @@
 import numpy as np
 from dagster import AssetCheckExecutionContext, AssetCheckResult, AssetCheckSeverity, asset_check
 
-from cellrna_pipeline.core.io import read_timepoint
+from cellrna_pipeline.core.io import timepoint_stats
 from cellrna_pipeline.defs.assets.ingest import raw_volume
 from cellrna_pipeline.defs.partitions import parse_volume_key
 from cellrna_pipeline.defs.resources import DataRootResource
@@ -16,15 +16,11 @@ def check_raw_volume_has_signal(
     context: AssetCheckExecutionContext, data_root: DataRootResource
 ) -> AssetCheckResult:
     experiment, t = parse_volume_key(context.partition_key)
-    volume = read_timepoint(data_root.root.raw(experiment), t)
+    # Chunk by chunk: a 2 GiB volume must not be loaded whole for a check.
+    stats = timepoint_stats(data_root.root.raw(experiment), t)
     record = data_root.experiment(experiment)
-    flat = volume.reshape(volume.shape[0], -1)
-    std = flat.std(axis=1)
-    saturated = (
-        (flat == np.iinfo(volume.dtype).max).mean(axis=1)
-        if np.issubdtype(volume.dtype, np.integer)
-        else np.zeros(len(flat))
-    )
+    std = stats["std"]
+    saturated = stats.get("saturated_fraction", np.zeros(len(std)))
     bad = [
         name
         for name, s, sat in zip(record.channel_names, std, saturated, strict=True)
