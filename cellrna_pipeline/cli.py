@@ -218,6 +218,22 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(
         f"raw OME-Zarr     {root.raw(record.name)} (timepoints written: {len(timepoints_written(root.raw(record.name)))})"
     )
+    from cellrna_pipeline.integrations.warehouse import query
+
+    stats = query(
+        root,
+        "SELECT n_tracks, n_divisions, mean_cells, n_spots, mean_spots_per_cell, mean_nuclear_fraction "
+        f"FROM experiment_summary WHERE experiment = '{record.name}'",
+    )
+    if stats.height:
+        row = stats.row(0, named=True)
+        print(
+            f"warehouse (SQL)  {row['n_tracks']} tracks, {row['n_divisions']} divisions, "
+            f"{row['mean_cells'] or 0:.1f} cells/timepoint, {row['n_spots']} spots in cells, "
+            f"{row['mean_spots_per_cell'] or 0:.1f} per cell, nuclear fraction {row['mean_nuclear_fraction'] or 0:.2f}"
+        )
+    print(f'warehouse        {root.warehouse}   (cellrna sql "SELECT * FROM experiment_summary")')
+    print(f"report           {root.reports / record.name / 'report.html'}")
     print(f"Dagster UI       CELLRNA_HOME={root.home} cellrna ui   (http://127.0.0.1:3000)")
     print(f"took             {time.perf_counter() - start:.1f} s")
     return 0

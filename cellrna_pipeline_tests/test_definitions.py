@@ -44,7 +44,7 @@ def test_demo_end_to_end_and_reproducible(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "dh"))
     assert main(["demo", "--timepoints", "2"]) == 0
     out = capsys.readouterr().out
-    assert "cellrna demo: summary" in out and "all succeeded" in out
+    assert "cellrna demo: summary" in out and "all succeeded" in out and "warehouse (SQL)" in out
     first = _table_hashes(home)
     assert first["cells"] and first["spots"] and first["lineage"]
     # A second demo (a new process, as a user runs it) replaces the first one in the same
