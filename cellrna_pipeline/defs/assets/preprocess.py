@@ -65,7 +65,7 @@ from cellrna_pipeline.core.preprocess.store import (
     save_drift_table,
     save_preprocessing_table,
 )
-from cellrna_pipeline.core.preview import composite_mip, markdown_image
+from cellrna_pipeline.core.preview import composite_mip, markdown_image, markdown_table
 from cellrna_pipeline.core.types import ImageMeta
 from cellrna_pipeline.defs.assets.ingest import raw_volume
 from cellrna_pipeline.defs.partitions import (
@@ -256,20 +256,14 @@ def drift_shifts(
             "max_abs_shift_zyx_px": str(np.round(np.abs(shifts).max(axis=0), 3).tolist()),
             "min_correlation": round(float(table.select(pl.col("correlation").min()).item()), 4),
             "all_converged": bool(table["converged"].all()),
-            "table": MetadataValue.md(_markdown(table)),
+            "table": MetadataValue.md(
+                markdown_table(
+                    table.select("timepoint", "dz_px", "dy_px", "dx_px", "correlation", "anchored")
+                )
+            ),
             "seconds": round(time.perf_counter() - start, 3),
         }
     )
-
-
-def _markdown(table: pl.DataFrame) -> str:
-    cols = ["timepoint", "dz_px", "dy_px", "dx_px", "correlation", "anchored"]
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for row in table.select(cols).iter_rows():
-        lines.append(
-            "| " + " | ".join(f"{v:.3f}" if isinstance(v, float) else str(v) for v in row) + " |"
-        )
-    return "\n".join(lines)
 
 
 @asset(
