@@ -12,7 +12,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from cellrna_pipeline.core.config import StrictModel
+from cellrna_pipeline.core.config import StrictModel, raise_input_error_inside
 from cellrna_pipeline.core.errors import InputError
 
 _MAX_CHANNEL_SHIFT_NM = 5000.0
@@ -81,7 +81,7 @@ class SynthConfig(StrictModel):
         try:
             super().__init__(**data)
         except ValidationError as exc:
-            _raise_input_error_inside(exc)
+            raise_input_error_inside(exc)
             raise
 
     @classmethod
@@ -89,7 +89,7 @@ class SynthConfig(StrictModel):
         try:
             return super().model_validate(obj, **kwargs)
         except ValidationError as exc:
-            _raise_input_error_inside(exc)
+            raise_input_error_inside(exc)
             raise
 
     def model_post_init(self, context: Any, /) -> None:
@@ -99,14 +99,6 @@ class SynthConfig(StrictModel):
     def channel_names(self) -> tuple[str, ...]:
         """``("nucleus", "cytoplasm", "rna0"[, "rna1"])``."""
         return ("nucleus", "cytoplasm", *(f"rna{r}" for r in range(self.n_rna_channels)))
-
-
-def _raise_input_error_inside(exc: ValidationError) -> None:
-    """Re-raise the :class:`InputError` that pydantic wrapped, if there is one."""
-    for err in exc.errors():
-        inner = (err.get("ctx") or {}).get("error")
-        if isinstance(inner, InputError):
-            raise InputError(str(inner)) from None
 
 
 def _check_ranges(c: SynthConfig) -> None:

@@ -13,7 +13,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from cellrna_pipeline.core.config import StrictModel
+from cellrna_pipeline.core.config import StrictModel, raise_input_error_inside
 from cellrna_pipeline.core.errors import InputError
 
 __all__ = ["TrackingConfig"]
@@ -81,7 +81,7 @@ class TrackingConfig(StrictModel):
         try:
             super().__init__(**data)
         except ValidationError as exc:
-            _raise_input_error_inside(exc)
+            raise_input_error_inside(exc)
             raise
 
     @classmethod
@@ -89,18 +89,11 @@ class TrackingConfig(StrictModel):
         try:
             return super().model_validate(obj, **kwargs)
         except ValidationError as exc:
-            _raise_input_error_inside(exc)
+            raise_input_error_inside(exc)
             raise
 
     def model_post_init(self, context: Any, /) -> None:
         _check_ranges(self)
-
-
-def _raise_input_error_inside(exc: ValidationError) -> None:
-    for err in exc.errors():
-        inner = (err.get("ctx") or {}).get("error")
-        if isinstance(inner, InputError):
-            raise InputError(str(inner)) from None
 
 
 def _check_ranges(c: TrackingConfig) -> None:
