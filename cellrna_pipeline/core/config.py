@@ -1,6 +1,8 @@
-"""Base for typed configs: unknown keys are an error, not a silent typo."""
+"""Bases for typed configs: unknown keys are an error, not a silent typo."""
 
 from __future__ import annotations
+
+from typing import Any, Self
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
@@ -20,3 +22,31 @@ def raise_input_error_inside(exc: ValidationError) -> None:
         inner = (err.get("ctx") or {}).get("error")
         if isinstance(inner, InputError):
             raise InputError(str(inner)) from None
+
+
+class CheckedModel(StrictModel):
+    """A :class:`StrictModel` with range checks in :meth:`_check` that raise a one-line
+    :class:`InputError` (not pydantic's multi-line ``ValidationError``), whether the model
+    is built from keywords or by :meth:`model_validate`. Unknown keys and wrong types still
+    raise ``ValidationError``."""
+
+    def __init__(self, **data: Any) -> None:
+        try:
+            super().__init__(**data)
+        except ValidationError as exc:
+            raise_input_error_inside(exc)
+            raise
+
+    @classmethod
+    def model_validate(cls, obj: Any, **kwargs: Any) -> Self:  # type: ignore[override]
+        try:
+            return super().model_validate(obj, **kwargs)
+        except ValidationError as exc:
+            raise_input_error_inside(exc)
+            raise
+
+    def model_post_init(self, context: Any, /) -> None:
+        self._check()
+
+    def _check(self) -> None:
+        """Range checks; raise :class:`InputError` naming the field. Default: none."""

@@ -7,34 +7,12 @@ camera values in counts (``_adu``); every ``zyx`` tuple is in ``(z, y, x)`` orde
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+from typing import Literal
 
-from pydantic import ValidationError
-
-from cellrna_pipeline.core.config import StrictModel
+from cellrna_pipeline.core.config import CheckedModel
 from cellrna_pipeline.core.errors import InputError
 
 __all__ = ["CalibrationConfig", "PreprocessConfig", "RegistrationConfig"]
-
-
-class _Checked(StrictModel):
-    """A StrictModel whose range checks raise a one-line :class:`InputError`."""
-
-    def __init__(self, **data: Any) -> None:
-        try:
-            super().__init__(**data)
-        except ValidationError as exc:
-            for err in exc.errors():
-                inner = (err.get("ctx") or {}).get("error")
-                if isinstance(inner, InputError):
-                    raise InputError(str(inner)) from None
-            raise
-
-    def model_post_init(self, context: Any, /) -> None:
-        self._check()
-
-    def _check(self) -> None:  # pragma: no cover - overridden
-        pass
 
 
 def _positive(name: str, *values: float) -> None:
@@ -47,7 +25,7 @@ def _non_negative(name: str, *values: float) -> None:
         raise InputError(f"{name} must be >= 0 and finite, got {list(values)}")
 
 
-class CalibrationConfig(_Checked):
+class CalibrationConfig(CheckedModel):
     """How :func:`~cellrna_pipeline.core.preprocess.estimate_camera_calibration` works.
 
     Attributes
@@ -92,7 +70,7 @@ class CalibrationConfig(_Checked):
         _positive("max_chromatic_shift_px", *self.max_chromatic_shift_px)
 
 
-class RegistrationConfig(_Checked):
+class RegistrationConfig(CheckedModel):
     """Translation registration (drift between timepoints, shifts between channels).
 
     Attributes
@@ -134,7 +112,7 @@ class RegistrationConfig(_Checked):
         _positive("tolerance_px", self.tolerance_px)
 
 
-class PreprocessConfig(_Checked):
+class PreprocessConfig(CheckedModel):
     """Per-volume preprocessing: normalize, denoise, then shift (calibration comes first).
 
     Attributes

@@ -8,17 +8,14 @@ levels photons per voxel (``_photons``), camera values counts (``_adu``) or elec
 from __future__ import annotations
 
 import math
-from typing import Any
 
-from pydantic import ValidationError
-
-from cellrna_pipeline.core.config import StrictModel, raise_input_error_inside
+from cellrna_pipeline.core.config import CheckedModel
 from cellrna_pipeline.core.errors import InputError
 
 _MAX_CHANNEL_SHIFT_NM = 5000.0
 
 
-class SynthConfig(StrictModel):
+class SynthConfig(CheckedModel):
     """Everything that decides one synthetic acquisition; same config -> same bytes.
 
     Range errors raise :class:`InputError` (one line); unknown keys and wrong types raise
@@ -77,22 +74,7 @@ class SynthConfig(StrictModel):
     confluence_limit: float = 2.0
     enter_leave: bool = True
 
-    def __init__(self, **data: Any) -> None:
-        try:
-            super().__init__(**data)
-        except ValidationError as exc:
-            raise_input_error_inside(exc)
-            raise
-
-    @classmethod
-    def model_validate(cls, obj: Any, **kwargs: Any) -> SynthConfig:  # type: ignore[override]
-        try:
-            return super().model_validate(obj, **kwargs)
-        except ValidationError as exc:
-            raise_input_error_inside(exc)
-            raise
-
-    def model_post_init(self, context: Any, /) -> None:
+    def _check(self) -> None:
         _check_ranges(self)
 
     @property

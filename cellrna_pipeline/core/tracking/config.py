@@ -9,17 +9,14 @@ and the thresholds read like chi-square values.
 from __future__ import annotations
 
 import math
-from typing import Any
 
-from pydantic import ValidationError
-
-from cellrna_pipeline.core.config import StrictModel, raise_input_error_inside
+from cellrna_pipeline.core.config import CheckedModel
 from cellrna_pipeline.core.errors import InputError
 
 __all__ = ["TrackingConfig"]
 
 
-class TrackingConfig(StrictModel):
+class TrackingConfig(CheckedModel):
     """Parameters of :func:`~cellrna_pipeline.core.tracking.track`; see ``docs/tracking.md``.
 
     Unknown keys and wrong types raise pydantic's ``ValidationError``; out-of-range values
@@ -77,22 +74,7 @@ class TrackingConfig(StrictModel):
     division_volume_log_sigma: float = 0.25
     division_min_age_frames: int = 2
 
-    def __init__(self, **data: Any) -> None:
-        try:
-            super().__init__(**data)
-        except ValidationError as exc:
-            raise_input_error_inside(exc)
-            raise
-
-    @classmethod
-    def model_validate(cls, obj: Any, **kwargs: Any) -> TrackingConfig:  # type: ignore[override]
-        try:
-            return super().model_validate(obj, **kwargs)
-        except ValidationError as exc:
-            raise_input_error_inside(exc)
-            raise
-
-    def model_post_init(self, context: Any, /) -> None:
+    def _check(self) -> None:
         _check_ranges(self)
 
 
