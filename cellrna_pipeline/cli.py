@@ -223,7 +223,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     stats = query(
         root,
         "SELECT n_tracks, n_divisions, mean_cells, n_spots, mean_spots_per_cell, mean_nuclear_fraction "
-        f"FROM experiment_summary WHERE experiment = '{record.name}'",
+        "FROM experiment_summary WHERE experiment = $experiment",
+        {"experiment": record.name},
     )
     if stats.height:
         row = stats.row(0, named=True)
