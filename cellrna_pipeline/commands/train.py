@@ -51,6 +51,8 @@ def _progress(msg: str) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.steps is not None and args.steps < 1:
         raise InputError(f"--steps must be >= 1, got {args.steps}")
+    if args.volumes is not None and args.volumes < 1:
+        raise InputError(f"--volumes must be >= 1, got {args.volumes}")
     if args.promote and not args.register:
         raise InputError("--promote needs --register")
     if args.target == "spots":
@@ -75,8 +77,6 @@ def _train_cells(args: argparse.Namespace) -> int:
     from cellrna_pipeline.core.segmentation.train import DatasetConfig, TrainConfig, run_training
 
     root = DataRoot.from_env(args.home)
-    if args.volumes is not None and args.volumes < 1:
-        raise InputError(f"--volumes must be >= 1, got {args.volumes}")
     data = DatasetConfig(seed=args.seed)
     fields: dict[str, Any] = {"seed": args.seed, "data": data}
     if args.volumes is not None:

@@ -406,18 +406,16 @@ def query(
         if relation is None:  # a statement without a result
             return pl.DataFrame()
         return pl.DataFrame(pl.from_arrow(relation.to_arrow_table()))
-    except duckdb.CatalogException as exc:
+    except duckdb.Error as exc:
         msg = str(exc).splitlines()[0]
+        if "read-only" in msg.lower():  # e.g. a write after a SELECT in one string
+            raise InputError(READ_ONLY_MESSAGE) from None
+        if not isinstance(exc, duckdb.CatalogException):
+            raise InputError(msg) from None
         if "Table with name" in msg:
             known = [r[0] for r in con.execute("SHOW TABLES").fetchall()]
             msg += f" (tables: {', '.join(known)})"
         raise InputError(msg) from None
-    except (duckdb.ParserException, duckdb.BinderException, duckdb.InvalidInputException) as exc:
-        raise InputError(str(exc).splitlines()[0]) from None
-    except duckdb.Error as exc:
-        if "read-only" in str(exc).lower():
-            raise InputError(READ_ONLY_MESSAGE) from None
-        raise InputError(str(exc).splitlines()[0]) from None
     finally:
         con.close()
 

@@ -5,6 +5,7 @@ Axis order is ``t, c, z, y, x``; physical sizes are micrometres, times seconds. 
 """
 
 from cellrna_pipeline.core.io.atomic import (
+    all_or_nothing,
     atomic_dir,
     atomic_path,
     atomic_write_bytes,
@@ -35,6 +36,7 @@ __all__ = [
     "OmeZarrSource",
     "Source",
     "TiffSource",
+    "all_or_nothing",
     "atomic_dir",
     "atomic_path",
     "atomic_write_bytes",

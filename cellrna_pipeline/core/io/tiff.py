@@ -313,9 +313,10 @@ class _ContiguousReader:
 class _CheckedReader:
     """Array-like that turns read errors into InputError and refuses NaN/inf."""
 
-    def __init__(self, array: Any, path: Path) -> None:
+    def __init__(self, array: Any, path: Path, where: str | None = None) -> None:
         self._array = array
         self._path = path
+        self._where = where or str(path)
         self.shape = tuple(array.shape)
         self.dtype = np.dtype(array.dtype)
         self.ndim = len(self.shape)
@@ -327,7 +328,7 @@ class _CheckedReader:
 
     def __getitem__(self, key: Any) -> np.ndarray:
         data = self.read(key)
-        check_finite(data, where=str(self._path))
+        check_finite(data, where=self._where)
         return data
 
 
@@ -400,7 +401,7 @@ class TiffSource(Source):
         import dask.array as da
 
         t = self._check_t(t)
-        array = self._series_array()
+        array = _CheckedReader(self._series_array()._array, self.path, f"{self.path} t={t}")
         shape = array.shape
         nz = self.meta.shape_tczyx[2]
         cz = nz if chunk_z is None else max(1, min(int(chunk_z), nz))
@@ -463,7 +464,7 @@ def open_tiff(
             tif = tifffile.TiffFile(p)
             n_pages = len(tif.pages)  # walks the whole IFD chain: finds truncated chains
             if n_pages == 0 or not tif.series:
-                raise InputError(f"{p}: corrupt TIFF (no readable image)")
+                raise InputError(f"{p}: corrupt or unreadable TIFF (no image in it)")
             series = tif.series[0]
             shape = tuple(int(s) for s in series.shape)
             axes = str(series.axes)
