@@ -279,7 +279,9 @@ CASES = [
         "track-shapes-differ", "track --ctc-masks {inp}/ctc_shapes --out {out}/res", "frame 0 has"
     ),
     _case(
-        "track-float-masks", "track --ctc-masks {inp}/ctc_float --out {out}/res", "label images must be integers"
+        "track-float-masks",
+        "track --ctc-masks {inp}/ctc_float --out {out}/res",
+        "label images must be integers",
     ),
     _case(
         "track-out-is-input",

@@ -279,7 +279,6 @@ def write_partition(
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
         conform(table, df, experiment, timepoint).write_parquet(tmp)
-        checkpoint("parquet.before_rename")
     return path
 
 

@@ -20,6 +20,8 @@ import uuid
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+from cellrna_pipeline.core.faults import checkpoint
+
 __all__ = [
     "all_or_nothing",
     "atomic_dir",
@@ -91,6 +93,8 @@ def atomic_path(final_path: str | os.PathLike[str]) -> Iterator[Path]:
     tmp = temporary_sibling(final)
     try:
         yield tmp
+        if final.suffix:
+            checkpoint(f"{final.suffix[1:]}.before_rename")  # e.g. parquet.before_rename
         os.replace(tmp, final)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

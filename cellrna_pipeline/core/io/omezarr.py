@@ -37,6 +37,7 @@ import zarr
 from zarr.storage import LocalStore
 
 from cellrna_pipeline.core.errors import InputError
+from cellrna_pipeline.core.faults import checkpoint
 from cellrna_pipeline.core.io._validate import (
     cast_safely,
     check_label_dtype,
@@ -417,6 +418,7 @@ def _build_multiscale(
             {"ome": {"version": ngff_version, "multiscales": [multiscale], **extra_ome}}
         )
     _write_group_json(directory / STATUS_GROUP, zarr_format, status_attrs)
+    checkpoint("zarr.create.before_rename")
 
 
 def _marker_dir(ms_root: Path, t: int) -> Path:
@@ -514,6 +516,8 @@ def _write_pyramid_timepoint(
         array = ms.array(level, write=True)
         array[t] = level_data
         _remove_partial_chunks(ms.root / ms.paths[level], array, t)
+        if level == 0:
+            checkpoint("zarr.timepoint.partial")
     if track:
         _write_marker(ms, t)
 
@@ -622,6 +626,8 @@ def _write_pyramid_timepoint_dask(ms: _Multiscale, t: int, data_czyx: Any, *, la
             region = (slice(t, t + 1), *band)
             da.store(data[band][None], array, regions=region, lock=False)  # type: ignore[arg-type]
         _remove_partial_chunks(ms.root / ms.paths[level], array, t)
+        if level == 0:
+            checkpoint("zarr.timepoint.partial")
     if track:
         _write_marker(ms, t)
 
