@@ -10,6 +10,7 @@ from cellrna_pipeline.core.io.atomic import (
     atomic_path,
     atomic_write_bytes,
     atomic_write_text,
+    discard,
 )
 from cellrna_pipeline.core.io.omezarr import (
     NGFF_VERSION,
@@ -44,6 +45,7 @@ __all__ = [
     "auto_chunks_zyx",
     "create_image",
     "create_labels",
+    "discard",
     "list_labels",
     "open_image",
     "open_source",

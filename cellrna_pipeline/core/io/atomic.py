@@ -28,6 +28,7 @@ __all__ = [
     "atomic_path",
     "atomic_write_bytes",
     "atomic_write_text",
+    "discard",
     "temporary_sibling",
 ]
 
@@ -191,3 +192,14 @@ def all_or_nothing(paths: Iterable[str | os.PathLike[str]]) -> Iterator[None]:
         raise
     for _, tmp in moved:
         _remove(tmp)
+
+
+def discard(path: str | os.PathLike[str]) -> None:
+    """Delete a file or folder so that it disappears at once: rename it to a hidden
+    temporary sibling (atomic), then delete that. A missing ``path`` is fine."""
+    doomed = temporary_sibling(path)
+    try:
+        os.rename(path, doomed)
+    except FileNotFoundError:
+        return
+    _remove(doomed)

@@ -26,7 +26,6 @@ import json
 import math
 import os
 import re
-import shutil
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,7 +43,7 @@ from cellrna_pipeline.core.io._validate import (
     check_pixel_dtype,
     one_line,
 )
-from cellrna_pipeline.core.io.atomic import atomic_dir, atomic_write_text, temporary_sibling
+from cellrna_pipeline.core.io.atomic import atomic_dir, atomic_write_text, discard
 from cellrna_pipeline.core.io.units import length_to_um, time_to_s
 from cellrna_pipeline.core.types import AXES_TCZYX, ImageMeta, VoxelSize
 
@@ -426,15 +425,7 @@ def _marker_dir(ms_root: Path, t: int) -> Path:
 
 
 def _remove_marker(ms_root: Path, t: int) -> None:
-    marker = _marker_dir(ms_root, t)
-    if not marker.exists():
-        return
-    doomed = temporary_sibling(marker)
-    try:
-        os.rename(marker, doomed)  # atomic: the timepoint stops counting as written at once
-    except FileNotFoundError:
-        return
-    shutil.rmtree(doomed, ignore_errors=True)
+    discard(_marker_dir(ms_root, t))  # atomic: the timepoint stops counting as written at once
 
 
 def _write_marker(ms: _Multiscale, t: int) -> None:
