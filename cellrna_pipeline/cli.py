@@ -335,10 +335,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point; returns the exit code."""
+def _quiet_libraries() -> None:
+    """What reaches a user's terminal is ours: progress lines and one-line errors. MLflow's
+    first-use notes (creating its database, a pickling advice about our own wrapper, a
+    download bar per model) are not actionable; they stay out unless asked for
+    (``MLFLOW_LOGGING_LEVEL=INFO``)."""
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     os.environ.setdefault("DAGSTER_DISABLE_TELEMETRY", "true")
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "ERROR")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; returns the exit code."""
+    _quiet_libraries()
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
