@@ -243,12 +243,13 @@ def ingest_experiment(
             instance, root, name, select=["raw_volume"], progress=progress
         )
     old_n = load_experiment(root, name).n_timepoints if existed else 0
-    record = None
+    new_n = 0  # timepoints of the new record, once registered
     try:
         with all_or_nothing(experiment_data_paths(root, name)):
             record = register_experiment(
                 root, name, source, voxel_size=voxel_size, channel_names=channel_names
             )
+            new_n = record.n_timepoints
             progress(
                 f"{name}: {record.n_timepoints} timepoints {record.shape_tczyx[1:]} (c,z,y,x), "
                 f"voxel {record.voxel_size_um} um, channels {list(record.channel_names)}"
@@ -258,13 +259,10 @@ def ingest_experiment(
             )
             if not all(r.success for r in runs):
                 raise _RunFailed(runs)
-    except _RunFailed as failed:
-        assert record is not None
-        _drop_partitions(instance, name, keep=old_n, had=record.n_timepoints)
-        return record, failed.runs
-    except BaseException:
-        if record is not None:
-            _drop_partitions(instance, name, keep=old_n, had=record.n_timepoints)
+    except BaseException as exc:
+        _drop_partitions(instance, name, keep=old_n, had=new_n)  # the previous ones stay
+        if isinstance(exc, _RunFailed):
+            return record, exc.runs
         raise
     _drop_partitions(instance, name, keep=record.n_timepoints, had=old_n)
     if existed and root.warehouse.exists():

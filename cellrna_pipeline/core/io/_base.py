@@ -144,7 +144,8 @@ class ChannelArray:
             raise TypeError(f"unsupported index {key!r}: integers and slices only")
         key = key + (slice(None),) * (3 - len(key))
         # Read the bounding slices (step 1), then apply steps and integer picks here.
-        bounds, rest = [], []
+        bounds: list[slice] = []
+        rest: list[slice | int] = []
         for k, n in zip(key, self.shape, strict=True):
             if isinstance(k, slice):
                 start, stop, step = k.indices(n)
@@ -160,7 +161,8 @@ class ChannelArray:
                     raise IndexError(f"index {k} out of range for size {n}")
                 bounds.append(slice(i, i + 1))
                 rest.append(0)
-        region = self._source._read_region(self._t, self._c, tuple(bounds))  # type: ignore[arg-type]
+        z, y, x = bounds
+        region = self._source._read_region(self._t, self._c, (z, y, x))
         check_finite(region, where=f"{self._source.path} t={self._t}")
         return region[tuple(rest)]
 

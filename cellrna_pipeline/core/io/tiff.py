@@ -373,7 +373,7 @@ class TiffSource(Source):
         return self._plan.to_czyx(self._series_array().read(self._plan.index_for(t)))
 
     def _read_region(self, t: int, c: int, region_zyx: tuple[slice, slice, slice]) -> np.ndarray:
-        key = []
+        key: list[int | slice] = []
         spatial = dict(zip("ZYX", region_zyx, strict=True))
         for letter in self._plan.canonical:
             if letter == "T":
