@@ -471,6 +471,45 @@ def test_bad_input_through_the_real_entry_point(case_id, world):
     assert _tree_hash(home) == before
 
 
+INBOX_CASES = [
+    ("empty.tif", "empty file"),
+    ("corrupt.tif", "corrupt or unreadable TIFF"),
+    ("truncated.tif", "truncated TIFF"),
+    ("onedim.tif", "-D image, expected 2-D (y, x) to 5-D"),
+    ("complex.tif", "unsupported dtype"),
+    ("plain.tif", "has no physical voxel size in its metadata"),
+    ("badmeta.ome.zarr", "cannot read OME-Zarr metadata"),
+    ("nolevel.ome.zarr", "cannot open pyramid level"),
+]
+
+
+@pytest.mark.parametrize(("name", "needle"), INBOX_CASES, ids=[c[0] for c in INBOX_CASES])
+def test_bad_acquisition_dropped_in_the_inbox(name, needle, world):
+    """The ingestion path: the sensor names the problem in its tick, registers nothing
+    and changes nothing stored."""
+    from dagster import DagsterInstance
+
+    from cellrna_pipeline.core.paths import DataRoot
+    from cellrna_pipeline.defs.runner import tick_inbox_sensor
+
+    home, inp, _ = world
+    root = DataRoot(home)
+    before = _tree_hash(home)
+    drop = root.inbox / name
+    (shutil.copytree if (inp / name).is_dir() else shutil.copy)(inp / name, drop)
+    for path in [drop, *drop.rglob("*")] if drop.is_dir() else [drop]:
+        os.utime(path, (path.stat().st_mtime - 60,) * 2)  # settled
+    instance = DagsterInstance.get()
+    first = tick_inbox_sensor(instance, root)  # first sighting: not yet known to be stable
+    result = tick_inbox_sensor(instance, root, first.cursor)
+    assert not result.run_requests
+    reason = result.skip_reason.skip_message
+    assert reason.startswith(f"cannot ingest {name}: ") and needle in reason, reason
+    assert len(reason.splitlines()) == 1 and "Traceback" not in reason
+    after = {k: v for k, v in _tree_hash(home).items() if not k.startswith("inbox/")}
+    assert after == before
+
+
 def test_every_message_is_in_the_troubleshooting_guide():
     text = TROUBLESHOOTING.read_text()
     missing = sorted({c.doc_needle for c in CASES if c.doc_needle not in text})
