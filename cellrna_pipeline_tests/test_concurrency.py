@@ -53,6 +53,7 @@ def _zarr_digest(path: Path) -> dict[str, str]:
     }
 
 
+@pytest.mark.slow
 def test_two_timepoints_and_a_warehouse_load_at_once(prepared, tmp_path, monkeypatch):
     home = tmp_path / "home"
     shutil.copytree(prepared, home)

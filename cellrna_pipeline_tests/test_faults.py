@@ -179,6 +179,7 @@ def reference(before_run, tmp_path_factory):
         return root, _digest(root), _warehouse_counts(root)
 
 
+@pytest.mark.slow
 def test_killed_while_writing_a_timepoint(before_run, reference, tmp_path, monkeypatch):
     root = _copy(before_run, tmp_path / "home", monkeypatch)
     _killed(root, "zarr.timepoint.partial", "--timepoint", "1", "--select", "raw_volume")
@@ -190,6 +191,7 @@ def test_killed_while_writing_a_timepoint(before_run, reference, tmp_path, monke
     assert {k: v for k, v in _digest(root).items() if k.startswith("raw")} == raw
 
 
+@pytest.mark.slow
 def test_killed_while_writing_tables(before_run, reference, tmp_path, monkeypatch):
     root = _copy(before_run, tmp_path / "home", monkeypatch)
     _killed(root, "parquet.before_rename@3", "--select", "statistics_tables")
@@ -201,6 +203,7 @@ def test_killed_while_writing_tables(before_run, reference, tmp_path, monkeypatc
     assert _digest(root) == reference[1]
 
 
+@pytest.mark.slow
 def test_killed_while_loading_the_warehouse(reference, tmp_path, monkeypatch):
     root = _copy(reference[0].home, tmp_path / "home", monkeypatch)
     # the tracker ran again and found one more track
