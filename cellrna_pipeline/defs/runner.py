@@ -22,7 +22,7 @@ from dagster import (
 from cellrna_pipeline.core.errors import InputError
 from cellrna_pipeline.core.experiment import load_experiment
 from cellrna_pipeline.core.paths import DataRoot
-from cellrna_pipeline.defs import ASSETS, CHECKS, TRAINING_ASSETS, resources
+from cellrna_pipeline.defs import ASSETS, CHECKS, LIVE_RNA_ASSETS, TRAINING_ASSETS, resources
 from cellrna_pipeline.defs.partitions import (
     EXPERIMENTS,
     VOLUMES,
@@ -98,18 +98,19 @@ def _name(asset: AssetsDefinition) -> str:
     return asset.key.to_user_string() if len(asset.keys) == 1 else asset.node_def.name
 
 
-def _stages(select: Sequence[str] | None) -> list[list[AssetsDefinition]]:
+def _stages(select: Sequence[str] | None, *, live_rna: bool = True) -> list[list[AssetsDefinition]]:
     """Selected assets in topological order, grouped into runs of one partitions definition.
 
     ``select`` names assets (``raw_volume``) or multi-assets (``statistics_tables``); by
-    default every asset but the training ones.
+    default every asset but the training ones (and, without ``live_rna``, the live-RNA ones).
     """
     known = {_name(a): a for a in ASSETS}
     if select:
         unknown = sorted(set(select) - set(known))
         if unknown:
             raise InputError(f"unknown asset(s) {unknown}; known: {sorted(known)}")
-    chosen = [a for a in ASSETS if (_name(a) in select if select else a not in TRAINING_ASSETS)]
+    skipped = TRAINING_ASSETS + ([] if live_rna else LIVE_RNA_ASSETS)
+    chosen = [a for a in ASSETS if (_name(a) in select if select else a not in skipped)]
     stages: list[list[AssetsDefinition]] = []
     for asset in chosen:  # ASSETS is kept in topological order
         if stages and stages[-1][0].partitions_def == asset.partitions_def:
@@ -147,7 +148,7 @@ def materialize_experiment(
     register_partitions(instance, experiment, record.n_timepoints)
     run_resources = resources(str(root.home))
     summaries: list[RunSummary] = []
-    for stage in _stages(select):
+    for stage in _stages(select, live_rna=record.live_rna):
         pdef = stage[0].partitions_def
         if pdef == volumes_partitions:
             keys: list[str | None] = [volume_key(experiment, t) for t in chosen]

@@ -27,11 +27,13 @@ _TS_BRIGHTNESS = (3.0, 8.0)
 
 @dataclass(frozen=True)
 class FrameSpots:
-    """Spots of one ``(t, channel)``: ``(n, 3)`` zyx voxel centres, amplitudes, kinds."""
+    """Spots of one ``(t, channel)``: ``(n, 3)`` zyx voxel centres, amplitudes, kinds
+    (and, in live-RNA mode, ground-truth track ids)."""
 
     centres_vox: np.ndarray
     amplitudes_adu: np.ndarray
     kinds: np.ndarray  # (n,) int index into KINDS
+    track_ids: np.ndarray | None = None  # (n,) uint32, live-RNA mode only
 
 
 class _Sampler:

@@ -99,6 +99,7 @@ class _Detections:
     log_volume: np.ndarray  # (N,) NaN when unknown
     log_extent: np.ndarray  # (N, 3) NaN when unknown
     log_intensity: np.ndarray  # (N,) NaN when unknown
+    embedding: np.ndarray | None  # (N, k) unit vectors, None when there is no column
     border: np.ndarray  # (N,) bool
     starts: np.ndarray  # (n_frames + 1,) frame f is rows starts[f]:starts[f+1]
     ndim: int
@@ -150,6 +151,7 @@ def _prepare(detections: pl.DataFrame, n_frames: int | None) -> tuple[pl.DataFra
         else np.zeros(df.height, bool)
     )
     ndim = 2 if np.ptp(pos[:, 0]) == 0 else 3
+    embedding = _embedding(df)
     log_extent = _safe_log(extent)
     if ndim == 2:
         log_extent[:, 2] = np.nan  # the single plane's thickness says nothing
@@ -159,10 +161,28 @@ def _prepare(detections: pl.DataFrame, n_frames: int | None) -> tuple[pl.DataFra
         log_volume=_safe_log(_column(df, "volume_um3", np.nan)),
         log_extent=log_extent,
         log_intensity=_safe_log(_column(df, "mean_intensity", np.nan)),
+        embedding=embedding,
         border=border,
         starts=starts,
         ndim=ndim,
     )
+
+
+def _embedding(df: pl.DataFrame) -> np.ndarray | None:
+    """The ``embedding`` column as ``(N, k)`` float64 unit vectors (``None`` without it)."""
+    if "embedding" not in df.columns:
+        return None
+    column = df["embedding"]
+    if not isinstance(column.dtype, pl.Array | pl.List) or column.null_count():
+        raise InputError("detections column embedding must hold one float vector per row")
+    try:
+        emb = np.asarray(column.to_list(), dtype=np.float64)
+    except ValueError:
+        raise InputError("detections column embedding has vectors of different lengths") from None
+    if emb.ndim != 2 or not np.isfinite(emb).all():
+        raise InputError("detections column embedding must hold finite vectors of one length")
+    norm = np.linalg.norm(emb, axis=1, keepdims=True)
+    return emb / np.where(norm > 0, norm, 1.0)
 
 
 def _auto_gate(df: pl.DataFrame) -> float:
@@ -273,6 +293,9 @@ def track(
     use_intensity = config.intensity_log_sigma is not None and bool(
         np.isfinite(d.log_intensity).any()
     )
+    if config.appearance_sigma is not None and d.embedding is None:
+        raise InputError("appearance_sigma is set but the detections have no embedding column")
+    use_appearance = config.appearance_sigma is not None
     det_volume = np.exp(d.log_volume)
 
     tracks = _Tracks(n_det)
@@ -334,6 +357,9 @@ def track(
         if use_intensity:
             di = d.log_intensity[jd] - d.log_intensity[ld]
             base += np.where(np.isfinite(di), di, 0.0) ** 2 / config.intensity_log_sigma**2  # type: ignore[operator]
+        if use_appearance:
+            de = d.embedding[jd] - d.embedding[ld]  # type: ignore[index]
+            base += (de**2).sum(axis=1) / config.appearance_sigma**2  # type: ignore[operator]
 
         # Solve. With drift estimation, the predictions are first shifted by the median
         # displacement of each track's nearest candidate (robust while the stage moves
