@@ -45,7 +45,8 @@ class TrackingConfig(CheckedModel):
     intensity_log_sigma : spread of ``ln(mean intensity ratio)``; ``None`` ignores intensity.
     appearance_sigma : spread of the Euclidean distance between the unit appearance
         embeddings (column ``embedding``) of one object in consecutive frames; ``None``
-        ignores appearance. The term is ``|e - e_last|^2 / appearance_sigma^2``.
+        ignores appearance. The term is ``|e - e_last|^2 / appearance_sigma^2`` with
+        ``e_last`` the embedding of the track's last detection.
     max_link_cost : a link is made only if its cost is below this (the price of ending one
         track and starting another).
     max_gap_frames : missing frames that gap closing may bridge (0: no gap closing).

@@ -343,8 +343,8 @@ def train_spot_embedding(
         running = 0.98 * running + 0.02 * value if step > 1 else value
         if step % 100 == 0 or step == cfg.steps:
             progress(
-                f"step {step}/{cfg.steps}: loss {running:.3f}, tau {float(log_tau.exp()):.3f}, "
-                f"s {float(log_s.exp()):.3f} um"
+                f"step {step}/{cfg.steps}: loss {running:.3f}, tau {log_tau.exp().item():.3f}, "
+                f"s {log_s.exp().item():.3f} um"
             )
     net.eval()
     metrics = _validate(torch, net, val, params, cfg.gate_um) if val else {}

@@ -48,21 +48,23 @@ track may skip frames (a blinking spot)."""
 
 SPOT_TRACKING_DEFAULTS: dict[str, Any] = {
     "max_displacement_um": 1.5,
-    "velocity_persistence": 0.5,
+    "velocity_persistence": 0.0,
     "motion_sigma_um": 0.25,
-    "position_sigma_um": 0.05,
+    "adapt_motion": False,
+    "position_sigma_um": 0.03,
     "shape_log_sigma": None,
     "volume_log_sigma": None,
-    "intensity_log_sigma": 0.5,
+    "intensity_log_sigma": 0.3,
     "max_link_cost": 30.0,
     "max_gap_frames": 2,
-    "gap_cost_per_frame": 4.0,
+    "gap_cost_per_frame": 6.0,
     "divisions": False,
 }
 """The tracker's settings for spots (chosen on the tuning seeds of the live-RNA benchmark,
-``benchmarks/tracking.py --tune-spots``): a gate of 1.5 um per frame, spots' own motion
-and localisation noise in um, intensity as the only appearance cue, gap closing over two
-missing frames (blinking), no divisions."""
+``benchmarks/tracking.py --tune-spots``): a gate of 1.5 um per frame, a random-walk
+motion model with a fixed spread (0.25 um per axis and frame), localisation noise 0.03 um,
+the intensity cue, gap closing over two missing frames (blinking), no divisions. Set
+``appearance_sigma`` (and give an ``embedding`` column) to add the learnt appearance."""
 
 
 def spot_tracking_config(**overrides: Any) -> TrackingConfig:

@@ -62,6 +62,9 @@ _POSITION_SIGMA_PER_GATE = 1 / 36
 # Weight of the daughter-symmetry term when an object touches the border (cropped objects
 # are not alike even when the cells are).
 _BORDER_SYMMETRY_WEIGHT = 0.25
+# ... and dropped where the smaller daughter is cut and the larger holds less than this
+# share of the parent's volume (see _division_volume_cost).
+_CUT_DIVISION_MAX_SHARE = 0.7
 # Bounds of the adaptive scale of the motion noise (data faster than the prior: up to 16x).
 _MOTION_SCALE_RANGE = (0.5, 16.0)
 # Median of a chi-square variable with 2 and 3 degrees of freedom.
@@ -520,14 +523,12 @@ def _divisions(
                 cost = float(((mid - pred_pos[sl]) ** 2).sum() / s_mid)
                 v1, v2 = det_volume[dets[d1]], det_volume[dets[d2]]
                 if np.isfinite(pv) and np.isfinite(v1) and np.isfinite(v2):
-                    # Objects cut by the image border are not alike even when the cells
-                    # are: the symmetry term is down-weighted there.
-                    at_border = bool(
-                        d.border[tracks.last_det[p]] or d.border[dets[d1]] or d.border[dets[d2]]
+                    border = (
+                        bool(d.border[tracks.last_det[p]]),
+                        bool(d.border[dets[d1]]),
+                        bool(d.border[dets[d2]]),
                     )
-                    w = _BORDER_SYMMETRY_WEIGHT if at_border else 1.0
-                    cost += float(np.log((v1 + v2) / pv) ** 2 / sigma**2)
-                    cost += w * float(np.log(v1 / v2) ** 2 / (2 * sigma) ** 2)
+                    cost += _division_volume_cost(pv, v1, v2, border, sigma)
                 if cost < config.division_max_cost:
                     options.append((cost, p, d1, d2))
     used_p: set[int] = set()
@@ -542,6 +543,30 @@ def _divisions(
             succ[p] = -1
         new_parent[[d1, d2]] = p
         tracks.alive[p] = False
+
+
+def _division_volume_cost(
+    pv: float, v1: float, v2: float, border: tuple[bool, bool, bool], sigma: float
+) -> float:
+    """Volume terms of a division: the daughters' volumes sum to the parent's
+    (``ln((v1 + v2) / pv)``, spread ``sigma``) and are alike (``ln(v1 / v2)``, spread
+    ``2 sigma``). ``border``: parent, daughter 1, daughter 2 touch the image border.
+
+    Objects cut by the border are not alike even when the cells are: the symmetry term
+    is down-weighted there, and dropped when the smaller daughter is cut while the larger
+    one holds clearly less than the parent (a division with one daughter mostly out of
+    view, unlike a sliver entering next to a cell that carries on at full volume).
+    """
+    (bp, b1, b2), (small, large) = border, sorted((v1, v2))
+    small_cut = b1 if v1 <= v2 else b2
+    if small_cut and large < _CUT_DIVISION_MAX_SHARE * pv:
+        weight = 0.0
+    elif bp or b1 or b2:
+        weight = _BORDER_SYMMETRY_WEIGHT
+    else:
+        weight = 1.0
+    total = np.log((v1 + v2) / pv) ** 2 / sigma**2
+    return float(total + weight * np.log(large / small) ** 2 / (2 * sigma) ** 2)
 
 
 def _result(
