@@ -704,9 +704,9 @@ def ctc_score(seq: SpotSequence, dets: pl.DataFrame, result: pl.DataFrame) -> di
 
 def spot_methods(embedder, sigma: float | None = None) -> dict[str, Callable]:
     """name -> runner(dets, n_frames) for the spot section (same detections for all)."""
-    from cellrna_pipeline.core.tracking import spot_tracking_config
+    from cellrna_pipeline.core.tracking import SPOT_APPEARANCE_SIGMA, spot_tracking_config
 
-    a = sigma if sigma is not None else (embedder.config.appearance_sigma if embedder else None)
+    a = sigma if sigma is not None else SPOT_APPEARANCE_SIGMA
     methods: dict[str, Callable] = {
         "ours, position": lambda d, n: run_ours_spots(
             d, n, spot_tracking_config(intensity_log_sigma=None)
@@ -803,30 +803,29 @@ def tune_spots(names: list[str], embedder) -> None:
         print(
             f"  {cutoff}: {pooled(lambda d, n, c=cutoff: run_laptrack_spots(d, c)):.4f}", flush=True
         )
-    print("ours: pooled link F1")
+    print("ours, SPOT_TRACKING_DEFAULTS and one setting changed: pooled link F1")
     grid = [
         {},
         {"max_displacement_um": 1.0},
         {"max_displacement_um": 2.0},
+        {"velocity_persistence": 0.5},
         {"motion_sigma_um": 0.15},
-        {"motion_sigma_um": 0.4},
-        {"position_sigma_um": 0.1},
-        {"velocity_persistence": 0.0},
-        {"velocity_persistence": 0.8},
-        {"intensity_log_sigma": 0.3},
-        {"intensity_log_sigma": 0.8},
-        {"max_link_cost": 20.0},
-        {"max_link_cost": 45.0},
-        {"gap_cost_per_frame": 2.0},
-        {"gap_cost_per_frame": 8.0},
+        {"motion_sigma_um": 0.35},
+        {"adapt_motion": True},
+        {"position_sigma_um": 0.05},
+        {"intensity_log_sigma": None},
+        {"intensity_log_sigma": 0.2},
+        {"intensity_log_sigma": 0.5},
+        {"max_link_cost": 25.0},
+        {"max_link_cost": 38.0},
+        {"gap_cost_per_frame": 4.0},
+        {"gap_cost_per_frame": 10.0},
     ]
     for extra in grid:
-        print(
-            f"  {extra}: {pooled(lambda d, n, e=extra: run_ours_spots(d, n, spot_tracking_config(**e))):.4f}",
-            flush=True,
-        )
+        f = pooled(lambda d, n, e=extra: run_ours_spots(d, n, spot_tracking_config(**e)))
+        print(f"  {extra}: {f:.4f}", flush=True)
     if embedder is not None:
-        for sigma in (0.2, 0.3, 0.4, 0.5, 0.7):
+        for sigma in (0.3, 0.4, 0.5, 0.6, 0.8):
             f = pooled(
                 lambda d, n, s=sigma: run_ours_spots(d, n, spot_tracking_config(appearance_sigma=s))
             )

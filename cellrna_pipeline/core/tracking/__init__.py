@@ -28,6 +28,7 @@ from cellrna_pipeline.core.tracking.outputs import (
     tracks_table,
 )
 from cellrna_pipeline.core.tracking.spots import (
+    SPOT_APPEARANCE_SIGMA,
     SPOT_TRACKING_DEFAULTS,
     SPOT_TRACKS_SCHEMA,
     spot_detections,
@@ -46,6 +47,7 @@ __all__ = [
     "CTC_TRACKS_SCHEMA",
     "DETECTION_SCHEMA",
     "LINEAGE_SCHEMA",
+    "SPOT_APPEARANCE_SIGMA",
     "SPOT_TRACKING_DEFAULTS",
     "SPOT_TRACKS_SCHEMA",
     "TRACKS_TABLE_SCHEMA",

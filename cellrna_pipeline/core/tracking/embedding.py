@@ -4,7 +4,7 @@ A tiny 3D CNN maps a ``(5, 11, 11)`` voxel patch around each spot (the spot, its
 brightness, its sub-voxel offset, its neighbours and the local background) to a unit
 vector; spots that are the same molecule in consecutive frames get close vectors. The
 tracker adds ``|e - e_last|^2 / appearance_sigma^2`` to a link's cost
-(:class:`~cellrna_pipeline.core.tracking.TrackingConfig`). Trained on the generator's
+(:class:`~cellrna_pipeline.core.tracking.TrackingConfig`, ``appearance_sigma``). Trained on the generator's
 live-RNA mode by :mod:`cellrna_pipeline.core.tracking.embedding_train`
 (``cellrna train spot-embedding``); the shipped model is
 ``model_registry/spot-embedding/`` (a ``state_dict`` of a few hundred KB, loaded without
@@ -65,8 +65,9 @@ class SpotEmbeddingConfig(StrictModel):
     hidden : width of the fully connected layer.
     dim : embedding length (unit vectors).
     appearance_sigma : the spread of same-spot embedding distances that the training
-        found (``sqrt`` of its softmax temperature); the tracker's default
-        ``appearance_sigma`` with this model.
+        found (``sqrt`` of its softmax temperature). The tracker, whose other cost terms
+        differ from the training's, uses its own tuned value
+        (:data:`~cellrna_pipeline.core.tracking.SPOT_APPEARANCE_SIGMA`).
     """
 
     kind: str = EMBEDDING_KIND

@@ -17,8 +17,9 @@ others negatives):
   uses, ``cos(e_a, e_c) / tau - |x_c - x_a|^2 / (2 s^2)``, so the embedding learns what
   position alone cannot tell apart;
 
-``tau`` and ``s`` are learnt; ``sqrt(tau)`` is the tracker's ``appearance_sigma`` (its
-cost is ``-2 x`` these logits). Validation: the share of anchors whose best candidate is
+``tau`` and ``s`` are learnt (``sqrt(tau)`` is stored as the model's
+``appearance_sigma``; the tracker's cost corresponds to ``-2 x`` these logits, but its
+other terms differ, so the tracker uses its own tuned ``SPOT_APPEARANCE_SIGMA``). Validation: the share of anchors whose best candidate is
 the right one, by position only (nearest), appearance only and both.
 """
 
@@ -391,11 +392,11 @@ def _model_card(
     return f"""# cellrna-spot-embedding: appearance embedding of RNA spots for tracking
 
 A tiny 3D CNN (`cellrna_pipeline.core.tracking.embedding.build_embedding_net(config.json)`,
-{training["parameters"]:,} parameters, float32 `state_dict` in `weights.pt`): a
-{model.patch_zyx[0]} x {model.patch_zyx[1]} x {model.patch_zyx[2]} (z, y, x) voxel patch
-around a spot -> a unit vector of length {model.dim}. Used by the spot tracker
-(`spot_tracks` asset, `TrackingConfig.appearance_sigma`); patches are normalised per frame
-by the median background and the median spot peak.
+{training["parameters"]:,} parameters, float32 `state_dict` in `weights.pt`): a patch of
+{model.patch_zyx[0]} x {model.patch_zyx[1]} x {model.patch_zyx[2]} (z, y, x) voxels around a
+spot -> a unit vector of length {model.dim}. Used by the spot tracker (`spot_tracks`
+asset, `TrackingConfig.appearance_sigma`); patches are normalised per frame by the median
+background and the median spot peak.
 
 ## Data
 - {cfg.train_sequences} live-RNA generator sequences (`core/synth`, `LiveRnaConfig`) of
@@ -413,8 +414,8 @@ by the median background and the median spot peak.
   {cfg.gate_um} um; same spot = positive) + the same cross-entropy on appearance plus
   position logits (`cos / tau - d^2 / 2 s^2`); `tau`, `s` learnt.
 - seed {cfg.seed}, {cfg.steps} steps of {cfg.anchors_per_step} anchors, AdamW lr {cfg.lr}
-  (cosine), {cfg.threads} torch thread(s), {training["seconds"] / 60:.1f} min on the 2-core CPU
-  (shared), data generation included.
+  (cosine), {cfg.threads} torch thread(s), {training["seconds"] / 60:.1f} min on the
+  2-core CPU (shared), data generation included.
 - Reproduce: `{training["command"]}`.
 
 ## Validation (held-out sequences; top-1 = the right next-frame spot ranks first among
@@ -424,7 +425,8 @@ the candidates within {cfg.gate_um} um)
 |---|---|
 {rows}
 
-`appearance_sigma` (`sqrt(tau)`) is the tracker's default spread for this model. Whether
-the embedding improves tracking is measured in `docs/benchmarks/tracking.md` (live-RNA
-section), not here.
+`appearance_sigma` (`sqrt(tau)`) is the spread the training found; the spot tracker uses
+`SPOT_APPEARANCE_SIGMA` (chosen on the live-RNA tuning seeds with its other costs).
+Whether the embedding improves tracking is measured in `docs/benchmarks/tracking.md`
+(live-RNA section), not here.
 """

@@ -63,6 +63,7 @@ from cellrna_pipeline.core.io.ctc import write_ctc_result
 from cellrna_pipeline.core.paths import DataRoot
 from cellrna_pipeline.core.tracking import (
     LINEAGE_SCHEMA,
+    SPOT_APPEARANCE_SIGMA,
     TrackingConfig,
     ctc_tracks,
     division_problems,
@@ -384,7 +385,7 @@ def spot_tracks(
         configure_cpu_threads(min(2, len(os.sched_getaffinity(0))))
         spots = _with_embeddings(spots, path, meta, embedder, n_frames)
         tracking_config = tracking_config.model_copy(
-            update={"appearance_sigma": embedder.config.appearance_sigma}
+            update={"appearance_sigma": SPOT_APPEARANCE_SIGMA}
         )
         model = str(config.embedding_model or "model_registry/spot-embedding")
     tracks = track_spots(spots, config=tracking_config, n_frames=n_frames).drop(
