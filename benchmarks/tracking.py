@@ -14,6 +14,16 @@ Inputs
   masks and scored.
 * Speed on laptrack's scale: 200 frames x 2,000 points (2D Brownian motion, point input),
   linking with gap closing and splitting enabled in both; link accuracy against the truth.
+* Live-RNA spot tracking (``SPOT_SEQUENCES``): the generator's live-RNA mode (spots with
+  ground-truth track ids; easy to crowded, SNR 10 to 3, fast transport), 3D+t, with the
+  true spot positions and with the spots that the LoG detector finds. Ours with position
+  only, + intensity, + the learnt appearance embedding (shipped model, or ``--embedding``),
+  and laptrack, on the same points (gap closing over 2 frames in all). Scores: link
+  precision / recall / F1 (consecutive detections of a track that are the same true spot;
+  detections matched to true spots one-to-one within 3 voxels), track purity and
+  completeness, and py-ctcmetrics (TRA, DET, CHOTA) with the spots drawn as small label
+  masks (ellipsoids of 2 PSF sigma, truth and results alike). ``--tune-spots`` prints the
+  settings' grid on the tuning seeds.
 
 laptrack gets the objects' centroids in um (its input is points) and gates derived from
 the same median object diameter as ours; its cutoffs were chosen by ``--tune`` on the
@@ -22,8 +32,9 @@ on the same tuning seeds). Scores: ``py-ctcmetrics`` (Valid, DET, SEG, TRA, CHOT
 division precision/recall/F1 from its branching counts with no temporal tolerance
 (``BC(0)``: the division frame must be exact).
 
-Run (from the repository root; ~9 minutes on 2 cores: scoring 3D masks with py-ctcmetrics
-and laptrack's 200 x 2,000 run take most of it)::
+Run (from the repository root; about an hour on 2 shared cores: scoring 3D masks with
+py-ctcmetrics, laptrack on the crowded spot sequences and its 200 x 2,000 run take most
+of it; ``--no-spots`` / ``--no-cells`` / ``--no-speed`` skip sections)::
 
     OMP_WAIT_POLICY=PASSIVE nice .venv/bin/python benchmarks/tracking.py
 
@@ -684,21 +695,17 @@ def spot_masks(seq: SpotSequence, rows: pl.DataFrame) -> list[np.ndarray]:
     return masks
 
 
-def ctc_score(seq: SpotSequence, dets: pl.DataFrame, result: pl.DataFrame) -> dict:
-    """py-ctcmetrics with spots as small label masks (ellipsoids of 2 PSF sigma, drawn the
-    same way for the true spots and for the tracked detections)."""
+def ctc_score(gt: Path, masks: list[np.ndarray], result: pl.DataFrame) -> dict:
+    """py-ctcmetrics of a spot tracking result against the CTC folder ``gt`` (see
+    :func:`spot_masks`; the result's masks are ``masks``, labels = ``spot_id``)."""
     from ctc_metrics.scripts.evaluate import calculate_metrics, load_data
 
-    truth = seq.truth.select("t", "spot_id", pl.col("gt").alias("track_id"))
     with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp)
-        _ctc_folder(result_from_tracks(truth), spot_masks(seq, seq.truth), root / "GT", gt=True)
-        _ctc_folder(result_from_tracks(result), spot_masks(seq, dets), root / "RES", gt=False)
+        res = Path(tmp) / "RES"
+        _ctc_folder(result_from_tracks(result), masks, res, gt=False)
         with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            comp, ref, traj, segm, _, valid = load_data(
-                str(root / "RES"), str(root / "GT"), True, False, threads=1
-            )
+            comp, ref, traj, segm, _, valid = load_data(str(res), str(gt), True, False, threads=1)
             return calculate_metrics(comp, ref, traj, segm, ["Valid", "DET", "TRA", "CHOTA"], valid)
 
 
@@ -733,6 +740,11 @@ def spot_section(names: list[str], embedder, *, with_ctc: bool = True) -> list[s
     for name in names:
         seq = make_spot_sequence(name, SPOT_SEQUENCES[name])
         n = len(seq.volumes)
+        tmp = tempfile.TemporaryDirectory()
+        gt = Path(tmp.name) / "GT"
+        if with_ctc:  # the true spots' tracks as a CTC ground truth, written once
+            truth = seq.truth.select("t", "spot_id", pl.col("gt").alias("track_id"))
+            _ctc_folder(result_from_tracks(truth), spot_masks(seq, seq.truth), gt, gt=True)
         inputs = {"true positions": seq.truth, "detected (LoG)": detect_sequence(seq)}
         per_frame = seq.truth.height / n
         det_f1 = (
@@ -743,12 +755,13 @@ def spot_section(names: list[str], embedder, *, with_ctc: bool = True) -> list[s
         for input_name, dets in inputs.items():
             if embedder is not None:
                 dets = with_embeddings(dets, seq, embedder)
+            masks = spot_masks(seq, dets) if with_ctc else []
             for method, runner in spot_methods(embedder).items():
                 result, seconds = runner(dets, n)
                 sc = link_score(dets, result)
                 sc.seconds = seconds
                 if with_ctc:
-                    r = ctc_score(seq, dets, result)
+                    r = ctc_score(gt, masks, result)
                     sc.tra, sc.det, sc.chota = (
                         float(r.get(k, float("nan"))) for k in ("TRA", "DET", "CHOTA")
                     )
@@ -760,6 +773,7 @@ def spot_section(names: list[str], embedder, *, with_ctc: bool = True) -> list[s
                 )
                 lines.append(row)
                 print(row, flush=True)
+        tmp.cleanup()
     lines += [
         "",
         "| pooled over sequences | input | link P | link R | link F1 | mean TRA |",

@@ -349,11 +349,11 @@ def train_spot_embedding(
             )
     net.eval()
     metrics = _validate(torch, net, val, params, cfg.gate_um) if val else {}
-    sigma = float(log_tau.exp().sqrt())
+    sigma = log_tau.exp().sqrt().item()
     metrics.update(
         {
             "appearance_sigma": sigma,
-            "position_scale_um": float(log_s.exp()),
+            "position_scale_um": log_s.exp().item(),
             "final_loss": running,
         }
     )
