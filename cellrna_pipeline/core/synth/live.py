@@ -46,7 +46,9 @@ from cellrna_pipeline.core.synth.spots import (
     TRANSCRIPTION_SITE,
     FrameSpots,
     _Sampler,
-    _to_global,
+    lognormal_amplitudes,
+    nuclear_count,
+    visible_cell_pools,
 )
 
 __all__ = ["LiveSpots"]
@@ -259,9 +261,7 @@ class LiveSpots:
     def _new(self, r: int, world: np.ndarray, owner: int, site: bool) -> _Spots:
         n = len(world)
         rng, live, c = self.rng, self.live, self.config
-        cv = c.spot_amplitude_cv
-        sigma = np.sqrt(np.log1p(cv * cv))
-        base = self.amplitude_adu * np.exp(rng.normal(-0.5 * sigma * sigma, sigma, n))
+        base = lognormal_amplitudes(rng, n, self.amplitude_adu, c.spot_amplitude_cv)
         if site:
             base *= rng.uniform(*_TS_BRIGHTNESS, n)
         lo, hi = np.log(live.diffusion_um2_per_s)
@@ -315,17 +315,8 @@ class LiveSpots:
             return v * self.vox - drift_um
 
         born: list[_Spots] = []
-        for i, cell in enumerate(cells):
-            box = boxes[i]
-            if box is None or visible_fraction[i] <= 0:
-                continue
-            origin = np.array([b.start for b in box])
-            in_cell = cell_labels[box] == i + 1
-            in_nuc = nuclei[box] == i + 1
-            if not in_cell.any():
-                continue
-            nuc_vox = _to_global(in_nuc, origin, shape)
-            cyt_vox = _to_global(in_cell & ~in_nuc, origin, shape)
+        pools = visible_cell_pools(cells, boxes, visible_fraction, cell_labels, nuclei)
+        for i, cell, nuc_vox, cyt_vox in pools:
             have_sites = int(np.count_nonzero(spots.site & (spots.owner == cell.uid)))
             missing = int(cell.n_transcription_sites[r]) - have_sites if nuc_vox.size else 0
             picked = sampler.from_voxels(nuc_vox, missing)
@@ -335,9 +326,7 @@ class LiveSpots:
                 lam *= self.death
             self.started[r].add(cell.uid)
             n = int(rng.poisson(lam))
-            n_nuc = int(rng.binomial(n, c.nuclear_spot_fraction)) if nuc_vox.size else 0
-            if cyt_vox.size == 0:
-                n_nuc = n
+            n_nuc = nuclear_count(rng, n, c.nuclear_spot_fraction, nuc_vox, cyt_vox)
             for pool, k in ((nuc_vox, n_nuc), (cyt_vox, n - n_nuc)):
                 picked = sampler.from_voxels(pool, k)
                 born.append(self._new(r, to_world(sampler.jittered(picked)), cell.uid, site=False))
