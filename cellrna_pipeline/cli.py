@@ -62,7 +62,12 @@ def _instance(root):
 
 def cmd_synth(args: argparse.Namespace) -> int:
     from cellrna_pipeline.core.io import atomic_dir
-    from cellrna_pipeline.core.synth import SynthConfig, synthesize, write_acquisition
+    from cellrna_pipeline.core.synth import (
+        SynthConfig,
+        live_rna_config,
+        synthesize,
+        write_acquisition,
+    )
 
     out = Path(args.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -81,7 +86,8 @@ def cmd_synth(args: argparse.Namespace) -> int:
         "division_probability": args.division_probability,
     }
     try:
-        config = SynthConfig(**{k: v for k, v in fields.items() if v is not None})
+        given = {k: v for k, v in fields.items() if v is not None}
+        config = live_rna_config(**given) if args.live_rna else SynthConfig(**given)
     except ValueError as exc:  # pydantic's ValidationError is a ValueError
         raise InputError(f"bad generator setting: {str(exc).splitlines()[-1].strip()}") from None
     start = time.perf_counter()
@@ -116,6 +122,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
         voxel_size=_voxel_size(args.voxel_size_nm),
         channel_names=args.channel_names,
         overwrite=args.overwrite,
+        live_rna=True if args.live_rna else None,
         progress=_progress,
     )
     return _report_runs(runs, f"ingested {record.name} into {root.raw(record.name)}")
@@ -294,6 +301,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--snr", type=float, help="spot peak / background noise std")
     p.add_argument("--spots-per-cell", type=float)
     p.add_argument("--division-probability", type=float, help="per cell per frame")
+    p.add_argument(
+        "--live-rna",
+        action="store_true",
+        help="live-RNA movie: spots persist over frames with track ids (frames 2 s apart)",
+    )
     p.set_defaults(func=cmd_synth)
 
     p = sub.add_parser(
@@ -312,6 +324,11 @@ def build_parser() -> argparse.ArgumentParser:
         "'cytoplasm' and 'rna0', 'rna1', ...)",
     )
     p.add_argument("--overwrite", action="store_true", help="replace an experiment of that name")
+    p.add_argument(
+        "--live-rna",
+        action="store_true",
+        help="a live-RNA acquisition: track its spots (default: as its manifest says)",
+    )
     home_arg(p)
     p.set_defaults(func=cmd_ingest)
 

@@ -30,7 +30,7 @@ from cellrna_pipeline.core.experiment import (
 from cellrna_pipeline.core.io import all_or_nothing
 from cellrna_pipeline.core.paths import DataRoot, validate_experiment_name
 from cellrna_pipeline.core.types import VoxelSize
-from cellrna_pipeline.defs import ASSETS, CHECKS, TRAINING_ASSETS, resources
+from cellrna_pipeline.defs import ASSETS, CHECKS, LIVE_RNA_ASSETS, TRAINING_ASSETS, resources
 from cellrna_pipeline.defs.partitions import (
     EXPERIMENTS,
     VOLUMES,
@@ -97,18 +97,19 @@ def _name(asset: AssetsDefinition) -> str:
     return asset.key.to_user_string() if len(asset.keys) == 1 else asset.node_def.name
 
 
-def _stages(select: Sequence[str] | None) -> list[list[AssetsDefinition]]:
+def _stages(select: Sequence[str] | None, *, live_rna: bool = True) -> list[list[AssetsDefinition]]:
     """Selected assets in topological order, grouped into runs of one partitions definition.
 
     ``select`` names assets (``raw_volume``) or multi-assets (``statistics_tables``); by
-    default every asset but the training ones.
+    default every asset but the training ones (and, without ``live_rna``, the live-RNA ones).
     """
     known = {_name(a): a for a in ASSETS}
     if select:
         unknown = sorted(set(select) - set(known))
         if unknown:
             raise InputError(f"unknown asset(s) {unknown}; known: {sorted(known)}")
-    chosen = [a for a in ASSETS if (_name(a) in select if select else a not in TRAINING_ASSETS)]
+    skipped = TRAINING_ASSETS + ([] if live_rna else LIVE_RNA_ASSETS)
+    chosen = [a for a in ASSETS if (_name(a) in select if select else a not in skipped)]
     stages: list[list[AssetsDefinition]] = []
     for asset in chosen:  # ASSETS is kept in topological order
         if stages and stages[-1][0].partitions_def == asset.partitions_def:
@@ -161,7 +162,7 @@ def materialize_experiment(
             raise InputError(
                 f"experiment {experiment!r} has timepoints 0-{record.n_timepoints - 1}, not {t}"
             )
-    stages = _stages(select)
+    stages = _stages(select, live_rna=record.live_rna)
     _check_channels(record, stages)
     register_partitions(instance, experiment, record.n_timepoints)
     run_resources = resources(str(root.home))
@@ -213,6 +214,7 @@ def ingest_experiment(
     voxel_size: VoxelSize | None = None,
     channel_names: Sequence[str] | None = None,
     overwrite: bool = False,
+    live_rna: bool | None = None,
     progress: Callable[[str], None] = lambda _msg: None,
 ) -> tuple[ExperimentRecord, list[RunSummary]]:
     """Register an acquisition and copy every timepoint into OME-Zarr (``raw_volume``);
@@ -237,7 +239,12 @@ def ingest_experiment(
     existed = root.experiment_record(name).exists()
     if existed and not overwrite:
         record = register_experiment(
-            root, name, source, voxel_size=voxel_size, channel_names=channel_names
+            root,
+            name,
+            source,
+            voxel_size=voxel_size,
+            channel_names=channel_names,
+            live_rna=live_rna,
         )
         return record, materialize_experiment(
             instance, root, name, select=["raw_volume"], progress=progress
@@ -247,7 +254,12 @@ def ingest_experiment(
     try:
         with all_or_nothing(experiment_data_paths(root, name)):
             record = register_experiment(
-                root, name, source, voxel_size=voxel_size, channel_names=channel_names
+                root,
+                name,
+                source,
+                voxel_size=voxel_size,
+                channel_names=channel_names,
+                live_rna=live_rna,
             )
             new_n = record.n_timepoints
             progress(

@@ -142,6 +142,23 @@ TABLES: dict[str, TableSpec] = {
             },
         ),
         TableSpec(
+            "spot_tracks",
+            False,
+            {
+                "track_id": _I,
+                "timepoint": _I,
+                "channel": _S,
+                "spot_id": _I,
+                "z_um": _F,
+                "y_um": _F,
+                "x_um": _F,
+                "intensity": _F,
+            },
+            "one row per RNA spot track per timepoint (live-RNA experiments only; spot_id "
+            "as in spots)",
+            aliases={"t": "timepoint"},
+        ),
+        TableSpec(
             "lineage",
             False,
             {
