@@ -104,3 +104,9 @@ class DataRoot:
         except OSError as exc:
             raise InputError(f"data root {self.home} is not writable: {exc.strerror}") from None
         return self
+
+
+def shipped_models_dir() -> Path:
+    """The shipped models: ``$CELLRNA_MODEL_REGISTRY`` or the repository's ``model_registry/``."""
+    env = os.environ.get("CELLRNA_MODEL_REGISTRY")
+    return Path(env) if env else Path(__file__).resolve().parents[2] / "model_registry"

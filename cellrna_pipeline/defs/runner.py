@@ -237,8 +237,9 @@ def ingest_experiment(
     """
     validate_experiment_name(name)
     existed = root.experiment_record(name).exists()
-    if existed and not overwrite:
-        record = register_experiment(
+
+    def register() -> ExperimentRecord:
+        return register_experiment(
             root,
             name,
             source,
@@ -246,6 +247,9 @@ def ingest_experiment(
             channel_names=channel_names,
             live_rna=live_rna,
         )
+
+    if existed and not overwrite:
+        record = register()
         return record, materialize_experiment(
             instance, root, name, select=["raw_volume"], progress=progress
         )
@@ -253,14 +257,7 @@ def ingest_experiment(
     new_n = 0  # timepoints of the new record, once registered
     try:
         with all_or_nothing(experiment_data_paths(root, name)):
-            record = register_experiment(
-                root,
-                name,
-                source,
-                voxel_size=voxel_size,
-                channel_names=channel_names,
-                live_rna=live_rna,
-            )
+            record = register()
             new_n = record.n_timepoints
             progress(
                 f"{name}: {record.n_timepoints} timepoints {record.shape_tczyx[1:]} (c,z,y,x), "

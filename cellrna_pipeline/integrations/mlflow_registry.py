@@ -40,7 +40,7 @@ from unittest import mock
 import numpy as np
 
 from cellrna_pipeline.core.errors import InputError
-from cellrna_pipeline.core.paths import DataRoot
+from cellrna_pipeline.core.paths import DataRoot, shipped_models_dir
 
 CELL_MODEL = "cellrna-cell-maskrcnn"
 RNA_MODEL = "cellrna-rna-maskrcnn"
@@ -49,18 +49,9 @@ CHALLENGER = "challenger"
 SHIPPED_FOLDERS = {CELL_MODEL: "cell-maskrcnn", RNA_MODEL: "rna-maskrcnn"}
 """Registered name -> folder under ``model_registry/``."""
 MODEL_DIR_ARTIFACT = "model_dir"
-SHIPPED_ENV = "CELLRNA_MODEL_REGISTRY"
 TRACKING_ENV = "CELLRNA_MLFLOW_TRACKING_URI"
 
 _URI_LOCK = threading.Lock()
-
-
-def shipped_models_dir() -> Path:
-    """The repository's ``model_registry/`` (or ``$CELLRNA_MODEL_REGISTRY``)."""
-    env = os.environ.get(SHIPPED_ENV)
-    if env:
-        return Path(env)
-    return Path(__file__).resolve().parents[2] / "model_registry"
 
 
 def shipped_model_folder(name: str) -> Path:

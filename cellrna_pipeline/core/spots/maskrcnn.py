@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -32,6 +31,7 @@ import polars as pl
 
 from cellrna_pipeline.core.config import StrictModel
 from cellrna_pipeline.core.errors import InputError
+from cellrna_pipeline.core.paths import shipped_models_dir
 from cellrna_pipeline.core.spots.config import DEFAULT_SPOT_RADIUS_NM, psf_sigma_vox
 from cellrna_pipeline.core.spots.detect import DETECTION_SCHEMA, SpotDetection, as_zyx_array
 from cellrna_pipeline.core.types import VoxelSize
@@ -54,13 +54,7 @@ __all__ = [
 ]
 
 MODEL_KIND = "cellrna-rna-maskrcnn"
-DEFAULT_MODEL_DIR = (
-    Path(
-        os.environ.get("CELLRNA_MODEL_REGISTRY")
-        or Path(__file__).resolve().parents[3] / "model_registry"
-    )
-    / "rna-maskrcnn"
-)
+DEFAULT_MODEL_DIR = shipped_models_dir() / "rna-maskrcnn"
 """The shipped champion: ``$CELLRNA_MODEL_REGISTRY/rna-maskrcnn`` or the repository's."""
 _NORM_SCALE = 10.0  # slices are (I - median) / (noise sigma * 10): a spot of SNR 10 -> ~1
 _LINK_PX = 2.0  # detections in neighbouring slices closer than this are one spot

@@ -21,7 +21,6 @@ smoothed) volumes give comparable inputs.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +29,7 @@ import numpy as np
 
 from cellrna_pipeline.core.config import StrictModel
 from cellrna_pipeline.core.errors import InputError
+from cellrna_pipeline.core.paths import shipped_models_dir
 
 __all__ = [
     "DEFAULT_EMBEDDING_DIR",
@@ -43,13 +43,7 @@ __all__ = [
 ]
 
 EMBEDDING_KIND = "cellrna-spot-embedding"
-DEFAULT_EMBEDDING_DIR = (
-    Path(
-        os.environ.get("CELLRNA_MODEL_REGISTRY")
-        or Path(__file__).resolve().parents[3] / "model_registry"
-    )
-    / "spot-embedding"
-)
+DEFAULT_EMBEDDING_DIR = shipped_models_dir() / "spot-embedding"
 """The shipped model: ``$CELLRNA_MODEL_REGISTRY/spot-embedding`` or the repository's."""
 
 
