@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 import polars as pl
+from scipy.spatial import cKDTree
 
 from cellrna_pipeline.core.errors import InputError
 from cellrna_pipeline.core.spots._candidates import (
@@ -41,6 +42,7 @@ from cellrna_pipeline.core.spots._candidates import (
 )
 from cellrna_pipeline.core.spots.config import SpotDetectionConfig, psf_sigma_vox
 from cellrna_pipeline.core.spots.decompose import decompose_blob, point_extent
+from cellrna_pipeline.core.spots.fit import fit_spots
 from cellrna_pipeline.core.spots.labels import rasterize_spots
 from cellrna_pipeline.core.types import VoxelSize
 
@@ -67,6 +69,8 @@ _BLOB_SIGMA_FACTOR = 2.0  # ... if also this many times the threshold
 _SMOOTHING = 1.0  # Gaussian of the thresholded band-pass, in spot sigmas (matched filter)
 _PEAK_SMOOTHING = 0.6  # sharper Gaussian whose maxima locate spots (resolves close pairs)
 _NMS_RADIUS = 1.0  # a peak must be the highest within this many spot sigmas
+_CROWD_RADIUS = 8.0  # faint peaks with _CROWD_COUNT spots within this many sigmas ...
+_CROWD_COUNT = 6  # ... are kept (see _add_crowded)
 _AUTO_CHUNK_VOXELS = 16_000_000
 _AUTO_CHUNK_YX = 256
 
@@ -277,6 +281,7 @@ def detect_spots(
         return SpotDetection(empty, float("inf"), 0.0, float("nan"), 0, sigma)
     z = cand.peak_value.astype(np.float64) / noise
     t_sigma = cfg.threshold_sigma if cfg.threshold_sigma is not None else _auto_threshold(z, cfg)
+
     keep = z >= t_sigma
     pos = cand.peak_zyx[keep].astype(np.float64) + cand.peak_offset[keep]
     unit = _unit_response(filters)
@@ -299,12 +304,26 @@ def detect_spots(
             threshold_sigma=t_sigma,
             cfg=cfg,
         )
+    floor = np.full(len(pos), t_sigma)  # each spot's threshold, in noise sigmas
+    if cfg.threshold_sigma is None and len(pos):
+        pos, amp, zk, floor = _add_crowded(
+            cand, z, pos, amp, zk, floor, sigma=sigma, faint=cfg.faint_threshold_sigma, unit=unit
+        )
+    n_split = 0
+    if cfg.decompose and len(pos):
+        fitted = fit_spots(vol, pos, amp, sigma_vox=sigma, min_amplitude=floor * noise / unit)
+        pos, amp, floor = fitted.zyx, fitted.amplitude, fitted.min_amplitude * unit / noise
+        zk = amp * unit / noise
+        n_split = fitted.n_split
     if progress:
-        progress(f"threshold {t_sigma:.2f} sigma: {len(pos)} spots ({n_clusters} clusters split)")
+        progress(
+            f"threshold {t_sigma:.2f} sigma: {len(pos)} spots "
+            f"({n_clusters} clusters decomposed, {n_split} pairs split)"
+        )
     order = np.lexsort((pos[:, 2], pos[:, 1], pos[:, 0])) if len(pos) else np.zeros(0, np.int64)
-    pos, amp, zk = pos[order], amp[order], zk[order]
+    pos, amp, zk, floor = pos[order], amp[order], zk[order], floor[order]
     sizes = rasterize_spots(pos, shape, sigma_vox=sigma).sizes
-    score = 1.0 / (1.0 + np.exp(-(zk - t_sigma)))
+    score = 1.0 / (1.0 + np.exp(-(zk - floor)))
     table = pl.DataFrame(
         {
             "spot_id": np.arange(1, len(pos) + 1, dtype=np.uint32),
@@ -318,6 +337,41 @@ def detect_spots(
         schema=DETECTION_SCHEMA,
     )
     return SpotDetection(table, float(t_sigma), noise, reference, n_clusters, sigma)
+
+
+def _add_crowded(
+    cand: BlockCandidates,
+    z: np.ndarray,
+    pos: np.ndarray,
+    amp: np.ndarray,
+    zk: np.ndarray,
+    floor: np.ndarray,
+    *,
+    sigma: tuple[float, float, float],
+    faint: float,
+    unit: float,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Add the peaks between the faint and the image's threshold that lie where spots
+    crowd: at least ``_CROWD_COUNT`` spots within ``_CROWD_RADIUS`` spot sigmas.
+
+    The automatic threshold is set for the image as a whole; where spots crowd (a cell
+    full of transcripts), a faint peak is much more likely a spot than background
+    structure, which is spread over the cells. These peaks keep the faint threshold.
+    """
+    band = (z >= faint) & (z < floor.min())
+    if not band.any():
+        return pos, amp, zk, floor
+    scale = np.where(np.asarray(sigma) > 0, 1.0 / np.maximum(np.asarray(sigma), 1e-9), 0.0)
+    bpos = cand.peak_zyx[band].astype(np.float64) + cand.peak_offset[band]
+    hits = cKDTree(pos * scale).query_ball_point(bpos * scale, _CROWD_RADIUS, return_length=True)
+    crowded = np.asarray(hits) >= _CROWD_COUNT
+    n = int(crowded.sum())
+    return (
+        np.concatenate([pos, bpos[crowded]]),
+        np.concatenate([amp, cand.peak_value[band][crowded].astype(np.float64) / unit]),
+        np.concatenate([zk, z[band][crowded]]),
+        np.concatenate([floor, np.full(n, faint)]),
+    )
 
 
 def _decompose(
