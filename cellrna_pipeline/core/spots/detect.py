@@ -41,7 +41,7 @@ from cellrna_pipeline.core.spots._candidates import (
     suppression_offsets,
 )
 from cellrna_pipeline.core.spots.config import SpotDetectionConfig, psf_sigma_vox
-from cellrna_pipeline.core.spots.decompose import decompose_blob, point_extent
+from cellrna_pipeline.core.spots.decompose import decompose_blobs, point_extent
 from cellrna_pipeline.core.spots.fit import fit_spots
 from cellrna_pipeline.core.spots.labels import rasterize_spots
 from cellrna_pipeline.core.types import VoxelSize
@@ -148,11 +148,6 @@ def _check_finite(block: np.ndarray) -> None:
 @functools.lru_cache(maxsize=32)
 def _unit_response(filters: Filters) -> float:
     return filters.unit_response()
-
-
-@functools.lru_cache(maxsize=32)
-def _point_extent(sigma: tuple[float, float, float]) -> float:
-    return point_extent(sigma)
 
 
 def _auto_threshold(z: np.ndarray, cfg: SpotDetectionConfig) -> float:
@@ -388,57 +383,48 @@ def _decompose(
     cfg: SpotDetectionConfig,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
     """Replace the peaks of cluster blobs by the spots each blob holds."""
-    ref_extent = _point_extent(sigma)
     order = np.argsort(-amp, kind="stable")
     # Blobs worth testing: brighter than one spot, and far enough above the threshold that
     # their shape is measured, not guessed from noise.
-    bright = [
-        int(i)
-        for i in order
-        if amp[i] >= _BLOB_FACTOR * reference and zk[i] >= _BLOB_SIGMA_FACTOR * threshold_sigma
+    bright = order[
+        (amp[order] >= _BLOB_FACTOR * reference)
+        & (zk[order] >= _BLOB_SIGMA_FACTOR * threshold_sigma)
     ]
-    if not bright:
+    if not len(bright):
         return pos, amp, zk, 0
+    blobs = decompose_blobs(
+        vol,
+        peaks[bright],
+        sigma_vox=sigma,
+        reference_amplitude=reference,
+        reference_extent=point_extent(sigma),
+        extent_ratio=cfg.cluster_extent_ratio,
+    )
     peak_flat = np.ravel_multi_index(tuple(peaks.T), shape)
     by_flat = np.argsort(peak_flat)
     sorted_flat = peak_flat[by_flat]
     removed = np.zeros(len(pos), dtype=bool)
-    new_pos, new_amp, new_z = [], [], []
-    n_clusters = 0
-
-    def read(key: tuple[slice, ...]) -> np.ndarray:
-        return np.asarray(vol[key])
-
-    for i in bright:
+    starts = np.searchsorted(blobs.spot_blob, np.arange(len(bright) + 1))
+    new: list[int] = []
+    # brightest first: a blob whose peak an earlier cluster absorbed is not a blob of its own
+    for b in np.unique(blobs.spot_blob):
+        i = bright[b]
         if removed[i]:
             continue
-        blob = decompose_blob(
-            read,
-            shape,  # type: ignore[arg-type]
-            peaks[i],
-            sigma_vox=sigma,
-            reference_amplitude=reference,
-            reference_extent=ref_extent,
-            extent_ratio=cfg.cluster_extent_ratio,
-        )
-        if len(blob.spots_zyx) == 0:
-            continue
-        region_flat = np.ravel_multi_index(tuple(blob.region_zyx.T), shape)
+        region_flat = blobs.region_flat(int(b))
         at = np.clip(np.searchsorted(sorted_flat, region_flat), 0, len(sorted_flat) - 1)
         hit = by_flat[at[sorted_flat[at] == region_flat]]
         absorbed = hit[~removed[hit]]
-        if len(blob.spots_zyx) <= len(absorbed):
+        if starts[b + 1] - starts[b] <= len(absorbed):
             continue  # the peaks already found account for the blob
         removed[absorbed] = True
-        n_clusters += 1
-        new_pos.append(blob.spots_zyx)
-        new_amp.append(blob.amplitudes)
-        new_z.append(np.full(len(blob.spots_zyx), zk[i]))
-    if not new_pos:
+        new.append(int(b))
+    if not new:
         return pos, amp, zk, 0
+    take = np.concatenate([np.arange(starts[b], starts[b + 1]) for b in new])
     return (
-        np.concatenate([pos[~removed], *new_pos]),
-        np.concatenate([amp[~removed], *new_amp]),
-        np.concatenate([zk[~removed], *new_z]),
-        n_clusters,
+        np.concatenate([pos[~removed], blobs.spots_zyx[take]]),
+        np.concatenate([amp[~removed], blobs.amplitudes[take]]),
+        np.concatenate([zk[~removed], zk[bright[blobs.spot_blob[take]]]]),
+        len(new),
     )
