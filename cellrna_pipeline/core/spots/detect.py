@@ -38,6 +38,7 @@ from cellrna_pipeline.core.spots._candidates import (
     BlockCandidates,
     Filters,
     block_candidates,
+    robust_std,
     suppression_offsets,
 )
 from cellrna_pipeline.core.spots.config import SpotDetectionConfig, psf_sigma_vox
@@ -173,13 +174,17 @@ def _candidates(
     filters: Filters,
     suppression: list[tuple[int, int, int]],
     chunks: tuple[int, int, int],
+    gate_sigma: float,
 ) -> BlockCandidates:
+    """Candidates of the whole image, one block or chunk by chunk. A single block knows
+    the image's noise, so it reports only maxima above ``gate_sigma`` (the lowest
+    threshold any later step uses); chunks report all (the result is the same)."""
     shape = tuple(int(s) for s in image.shape)
     if chunks == shape:
         block = np.asarray(image[:])
         _check_finite(block)
         core = tuple(slice(0, s) for s in shape)
-        return block_candidates(block, core, (0, 0, 0), filters, suppression)  # type: ignore[arg-type]
+        return block_candidates(block, core, (0, 0, 0), filters, suppression, gate_sigma)  # type: ignore[arg-type]
 
     import dask.array as da
 
@@ -265,12 +270,13 @@ def detect_spots(
         progress(
             f"band-pass and local maxima, sigma {tuple(round(s, 2) for s in sigma)} voxels, chunks {chunks}"
         )
-    cand = _candidates(vol, filters, suppression, chunks)
+    if cfg.threshold_sigma is not None:
+        lowest = cfg.threshold_sigma
+    else:
+        lowest = min(cfg.faint_threshold_sigma, cfg.bright_threshold_sigma, _LOW_SIGMA)
+    cand = _candidates(vol, filters, suppression, chunks, 0.999 * lowest)
 
-    sample = cand.noise_sample.astype(np.float64)
-    noise = float(1.4826 * np.median(np.abs(sample - np.median(sample)))) if sample.size else 0.0
-    if not noise > 0:
-        noise = float(sample.std()) if sample.size else 0.0
+    noise = robust_std(cand.noise_sample)
     if not noise > 0:  # a constant image
         empty = pl.DataFrame(schema=DETECTION_SCHEMA)
         return SpotDetection(empty, float("inf"), 0.0, float("nan"), 0, sigma)

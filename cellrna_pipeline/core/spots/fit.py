@@ -42,6 +42,7 @@ _SPLIT_START_SIGMAS = 0.6  # the two halves start this far either side of the ce
 _LM_ITERATIONS = 8
 _DAMPING = 0.1  # Gauss-Newton steps of the refinement: Marquardt damping
 _EPS = 1e-9
+_DENSE_POOL_VOXELS = 8_000_000  # in-memory images up to this size are used whole
 
 
 @dataclass(frozen=True)
@@ -109,19 +110,26 @@ class _Pool:
     """Image values at the voxels under the windows, each voxel read once.
 
     A voxel's slot never changes once given (new voxels are appended); slot 0 is a dummy
-    (value 0) standing for voxels outside the volume.
+    (value 0) standing for voxels outside the volume. An in-memory image up to
+    ``_DENSE_POOL_VOXELS`` is used whole (slot = flat index + 1, no look-ups).
     """
 
     def __init__(self, vol: Any, shape: tuple[int, ...]) -> None:
         self.vol = vol
         self.shape = shape
-        self.ids = np.array([-1], dtype=np.int64)  # flat voxel id of each slot
-        self.vals = np.zeros(1)
-        self._sorted = self.ids.copy()
-        self._order = np.zeros(1, dtype=np.int64)
+        self.dense = isinstance(vol, np.ndarray) and int(np.prod(shape)) <= _DENSE_POOL_VOXELS
+        if self.dense:
+            self.vals = np.concatenate([[0.0], np.asarray(vol, dtype=np.float64).ravel()])
+        else:
+            self.vals = np.zeros(1)
+            self.ids = np.array([-1], dtype=np.int64)  # flat voxel id of each slot
+            self._sorted = self.ids.copy()
+            self._order = np.zeros(1, dtype=np.int64)
 
     def slots(self, flat: np.ndarray) -> np.ndarray:
         """Slots of flat voxel ids (``-1``: outside, slot 0), reading new voxels."""
+        if self.dense:
+            return flat + 1
         pos = np.minimum(np.searchsorted(self._sorted, flat), len(self._sorted) - 1)
         missing = self._sorted[pos] != flat
         if missing.any():
@@ -134,6 +142,34 @@ class _Pool:
             self._sorted = self.ids[self._order]
             pos = np.searchsorted(self._sorted, flat)
         return self._order[pos]
+
+
+class _Gauss:
+    """Unit Gaussians of a batch of spots on their windows (product grids).
+
+    ``g`` ``(n, kz, ky, kx)``; ``du[a]`` is ``(v_a - p_a) / sigma_a^2`` shaped to
+    broadcast against ``g`` (``g * du[a]`` is the derivative of ``g`` in ``p_a``).
+    """
+
+    def __init__(self, model: _Model, zyx: np.ndarray, centres: np.ndarray) -> None:
+        n = len(zyx)
+        g: np.ndarray = np.ones((n, 1, 1, 1), dtype=np.float32)
+        self.du = []
+        for a in range(3):
+            u = centres[:, a, None] + model.offsets[a][None] - zyx[:, a, None]
+            sh = [n, 1, 1, 1]
+            sh[a + 1] = u.shape[1]
+            g = g * np.exp(-0.5 * model.inv2[a] * u * u).astype(np.float32).reshape(sh)
+            self.du.append((u * model.inv2[a]).astype(np.float32).reshape(sh))
+        self.g = g
+
+    def flat(self) -> np.ndarray:
+        return self.g.reshape(len(self.g), -1)
+
+    def derivative(self, a: int, scale: np.ndarray) -> np.ndarray:
+        """``scale[:, None] * g * du[a]`` flattened ``(n, k)``."""
+        factor = self.du[a] * scale.astype(np.float32)[:, None, None, None]
+        return (self.g * factor).reshape(len(self.g), -1)
 
 
 class _Model:
@@ -153,6 +189,7 @@ class _Model:
         self.offsets = [np.arange(-r, r + 1) for r in self.reach]
         self.grid = tuple(len(o) for o in self.offsets)
         self.k = int(np.prod(self.grid))
+        self._colour_cache: tuple[np.ndarray, np.ndarray, list[np.ndarray]] | None = None
 
     # --- state -----------------------------------------------------------------
     def set(
@@ -169,7 +206,14 @@ class _Model:
         self.floor = np.array(floor[order], dtype=np.float64)
         self.centres = np.rint(self.zyx).astype(np.int64)
         self.slot, self.weight = self._windows(self.centres)
-        self.render()
+        self.model = np.bincount(
+            self.slot.ravel(),
+            weights=(
+                self.amp[:, None] * self.gauss(np.arange(len(self.zyx))) * self.weight
+            ).ravel(),
+            minlength=len(self.pool.vals),
+        )
+        self._colour_cache = None
         rows = np.empty(len(order), dtype=np.int64)
         rows[order] = np.arange(len(order))
         return rows
@@ -190,61 +234,28 @@ class _Model:
         flat = np.where(inside, flat, -1).reshape(n, self.k)
         return self.pool.slots(flat), inside.reshape(n, self.k).astype(np.float64)
 
-    def render(self) -> None:
-        """The summed model of all spots on the pool's voxels, from scratch."""
-        g = self.gauss(np.arange(len(self.zyx)))[0]
-        self.model = np.bincount(
-            self.slot.ravel(),
-            weights=(self.amp[:, None] * g * self.weight).ravel(),
-            minlength=len(self.pool.vals),
-        )
-
     def recentre(self) -> None:
-        """New windows for spots whose rounded centre changed; model from scratch."""
+        """New windows for the spots whose rounded centre changed (the model moves its
+        Gaussians from their old windows to their new ones)."""
         centres = np.rint(self.zyx).astype(np.int64)
         moved = np.flatnonzero(np.any(centres != self.centres, axis=1))
-        if len(moved):
-            self.centres[moved] = centres[moved]
-            self.slot[moved], self.weight[moved] = self._windows(centres[moved])
-        self.render()
+        if not len(moved):
+            return
+        old = self.amp[moved, None] * self.gauss(moved) * self.weight[moved]
+        np.subtract.at(self.model, self.slot[moved].ravel(), old.ravel())
+        self.centres[moved] = centres[moved]
+        self.slot[moved], self.weight[moved] = self._windows(centres[moved])
+        new = self.amp[moved, None] * self.gauss(moved) * self.weight[moved]
+        np.add.at(self.model, self.slot[moved].ravel(), new.ravel())
+        self._colour_cache = None
 
-    # --- Gaussians on windows ----------------------------------------------------
-    def _axis_terms(self, zyx: np.ndarray, centres: np.ndarray) -> list[np.ndarray]:
-        """Per axis ``v - p`` ``(n, K_a)`` (voxel minus centre)."""
-        return [centres[:, a, None] + self.offsets[a][None] - zyx[:, a, None] for a in range(3)]
-
-    def _expand(self, a: int, x: np.ndarray) -> np.ndarray:
-        sh = [len(x), 1, 1, 1]
-        sh[a + 1] = x.shape[1]
-        return x.reshape(sh)
-
-    def gauss_at(
-        self, zyx: np.ndarray, centres: np.ndarray, derivatives: bool = False
-    ) -> tuple[np.ndarray, list[np.ndarray]]:
-        """Unit Gaussians at ``zyx`` on the windows at ``centres``: ``g`` ``(n, k)`` and,
-        if asked, ``dg/dp_a / g`` per axis ``(n, k)`` (zero along a 2-D z)."""
-        u = self._axis_terms(zyx, centres)
-        g4 = np.ones((len(zyx), 1, 1, 1))
-        for a in range(3):
-            g4 = g4 * self._expand(a, np.exp(-0.5 * self.inv2[a] * u[a] * u[a]))
-        g = np.broadcast_to(g4, (len(zyx), *self.grid)).reshape(len(zyx), self.k)
-        if not derivatives:
-            return g, []
-        shape = (len(zyx), *self.grid)
-        d = [
-            np.broadcast_to(self._expand(a, u[a] * self.inv2[a]), shape).reshape(len(zyx), self.k)
-            for a in range(3)
-        ]
-        return g, d
-
-    def gauss(
-        self, rows: np.ndarray, derivatives: bool = False
-    ) -> tuple[np.ndarray, list[np.ndarray]]:
-        return self.gauss_at(self.zyx[rows], self.centres[rows], derivatives)
+    def gauss(self, rows: np.ndarray) -> np.ndarray:
+        """Unit Gaussians of ``rows`` on their windows, ``(n, k)``."""
+        return _Gauss(self, self.zyx[rows], self.centres[rows]).flat()
 
     def window_data(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Image minus every other spot on the windows of ``rows``, and the unit Gaussian."""
-        g = self.gauss(rows)[0]
+        g = self.gauss(rows)
         own = self.amp[rows, None] * g * self.weight[rows]
         slot = self.slot[rows]
         return self.pool.vals[slot] - self.model[slot] + own, g
@@ -252,47 +263,58 @@ class _Model:
     # --- refinement ----------------------------------------------------------------
     def colours(self, rows: np.ndarray) -> list[np.ndarray]:
         """``rows`` in classes whose windows do not overlap (greedy colouring of the
-        overlap graph in position order)."""
+        overlap graph in position order); kept while no window moves."""
+        cache = self._colour_cache
+        if cache is not None and len(cache[0]) == len(rows) and np.array_equal(cache[0], rows):
+            return cache[2]
         scale = 1.0 / np.maximum(2 * self.reach, 1)
         pairs = cKDTree(self.centres[rows] * scale).query_pairs(
             r=1.0, p=np.inf, output_type="ndarray"
         )
         if not len(pairs):
-            return [rows]
-        both = np.concatenate([pairs, pairs[:, ::-1]])
-        both = both[np.argsort(both[:, 0], kind="stable")]
-        starts = np.searchsorted(both[:, 0], np.arange(len(rows) + 1))
-        nbr = both[:, 1].tolist()
-        colour = [-1] * len(rows)
-        for i in range(len(rows)):
-            used = {colour[j] for j in nbr[starts[i] : starts[i + 1]]}
-            c = 0
-            while c in used:
-                c += 1
-            colour[i] = c
-        col = np.asarray(colour)
-        by = np.argsort(col, kind="stable")
-        return np.split(rows[by], np.flatnonzero(np.diff(col[by])) + 1)
+            classes = [rows]
+        else:
+            both = np.concatenate([pairs, pairs[:, ::-1]])
+            both = both[np.argsort(both[:, 0], kind="stable")]
+            starts = np.searchsorted(both[:, 0], np.arange(len(rows) + 1)).tolist()
+            nbr = both[:, 1].tolist()
+            colour = [-1] * len(rows)
+            for i in range(len(rows)):
+                used = {colour[j] for j in nbr[starts[i] : starts[i + 1]]}
+                c = 0
+                while c in used:
+                    c += 1
+                colour[i] = c
+            col = np.asarray(colour)
+            by = np.argsort(col, kind="stable")
+            classes = np.split(rows[by], np.flatnonzero(np.diff(col[by])) + 1)
+        self._colour_cache = (rows.copy(), rows, classes)
+        return classes
 
     def sweep(self, rows: np.ndarray) -> None:
         """One Gauss-Seidel sweep over ``rows``: a damped Gauss-Newton step on each
         spot's ``(a, b, p)``, colour class by colour class, on unchanged windows."""
         lim = _MAX_STEP_SIGMAS * self.sigma
         for cls in self.colours(rows):
-            g, d = self.gauss(cls, derivatives=True)
+            gs = _Gauss(self, self.zyx[cls], self.centres[cls])
+            g = gs.flat()
             wt = self.weight[cls]
             slot = self.slot[cls]
             a, b = self.amp[cls], self.bg[cls]
             self.model[slot] -= a[:, None] * g * wt  # disjoint windows: no repeated slot
             resid = (self.pool.vals[slot] - self.model[slot] - a[:, None] * g - b[:, None]) * wt
-            ag = np.maximum(a, _EPS)[:, None] * g * wt
-            jac = np.stack([g * wt, wt, ag * d[0], ag * d[1], ag * d[2]], axis=1)
+            resid = resid.astype(np.float32)
+            scale = np.maximum(a, _EPS)
+            jac = np.empty((len(cls), 5, self.k), dtype=np.float32)
+            np.multiply(g, wt, out=jac[:, 0])
+            jac[:, 1] = wt
+            for ax in range(3):
+                np.multiply(gs.derivative(ax, scale), wt, out=jac[:, 2 + ax])
             step = _damped_step(jac, resid, _DAMPING)
             self.amp[cls] = np.maximum(a + step[:, 0], 0.0)
             self.bg[cls] = b + step[:, 1]
             self.zyx[cls] += np.clip(step[:, 2:], -lim, lim)
-            g = self.gauss(cls)[0]
-            self.model[slot] += self.amp[cls, None] * g * wt
+            self.model[slot] += self.amp[cls, None] * self.gauss(cls) * wt
 
     def refine(self, rows: np.ndarray, sweeps: int) -> None:
         for _ in range(sweeps):
@@ -313,8 +335,8 @@ class _Model:
 
 def _damped_step(jac: np.ndarray, resid: np.ndarray, damping: np.ndarray | float) -> np.ndarray:
     """Levenberg-Marquardt steps for a batch: ``jac`` ``(n, m, k)``, ``resid`` ``(n, k)``."""
-    jtj = jac @ jac.transpose(0, 2, 1)
-    jtr = (jac @ resid[..., None])[..., 0]
+    jtj = (jac @ jac.transpose(0, 2, 1)).astype(np.float64)
+    jtr = (jac @ resid[..., None])[..., 0].astype(np.float64)
     diag = np.einsum("nii->ni", jtj)
     damp = np.asarray(damping, dtype=np.float64).reshape(-1, 1) * diag + _EPS
     jtj = jtj + damp[:, :, None] * np.eye(jac.shape[1])
@@ -330,71 +352,100 @@ def _split_fit(
     Returns the centres ``p1, p2`` ``(n, 3)``, amplitudes ``a1, a2`` ``(n,)`` and the
     weighted residual sums of squares ``(n,)``.
     """
+    n = len(rows)
     sigma = model.sigma
     centres = model.centres[rows]
     pos, amp, bg = model.zyx[rows], model.amp[rows], model.bg[rows]
     # start along the principal axis of the window's light (in sigma units)
-    light = np.maximum(data - bg[:, None], 0.0) * model.weight[rows]
-    total = light.sum(axis=1) + _EPS
-    u = model._axis_terms(pos, centres)
-    shape = (len(rows), *model.grid)
-    coords = np.stack(
+    light = (np.maximum(data - bg[:, None], 0.0) * model.weight[rows]).reshape(n, *model.grid)
+    total = light.reshape(n, -1).sum(axis=1) + _EPS
+    du = _Gauss(model, pos, centres).du  # (v - p) / sigma^2
+    coords = [du[a] * sigma[a] for a in range(3)]  # (v - p) / sigma, broadcastable
+    mean = (
+        np.stack([(light * c).reshape(n, -1).sum(axis=1) for c in coords], axis=1) / total[:, None]
+    )
+    cov = np.empty((n, 3, 3))
+    for i in range(3):
+        for j in range(i, 3):
+            ci = coords[i] - mean[:, i, None, None, None]
+            cj = coords[j] - mean[:, j, None, None, None]
+            cov[:, i, j] = cov[:, j, i] = (light * ci * cj).reshape(n, -1).sum(axis=1) / total
+    axis = np.linalg.eigh(cov + _EPS * np.eye(3))[1][:, :, -1] * sigma
+    params = np.concatenate(
         [
-            np.broadcast_to(model._expand(a, u[a]) * np.sqrt(model.inv2[a]), shape).reshape(
-                len(rows), model.k
-            )
-            for a in range(3)
+            (0.55 * amp)[:, None],
+            pos + _SPLIT_START_SIGMAS * axis,
+            (0.55 * amp)[:, None],
+            pos - _SPLIT_START_SIGMAS * axis,
+            bg[:, None],
         ],
         axis=1,
-    )  # (n, 3, k) in sigma units
-    mean = (coords * light[:, None]).sum(axis=2) / total[:, None]
-    cc = (coords - mean[..., None]) * np.sqrt(light)[:, None]
-    cov = cc @ cc.transpose(0, 2, 1) / total[:, None, None]
-    axis = np.linalg.eigh(cov + _EPS * np.eye(3))[1][:, :, -1] * sigma
-    p1, p2 = pos + _SPLIT_START_SIGMAS * axis, pos - _SPLIT_START_SIGMAS * axis
-    a1, a2, b = 0.55 * amp, 0.55 * amp, bg.copy()
+    )
     lim = np.r_[np.inf, sigma, np.inf, sigma, np.inf]
 
-    def residual(
-        p1: np.ndarray, p2: np.ndarray, a1: np.ndarray, a2: np.ndarray, b: np.ndarray
-    ) -> np.ndarray:
-        g1 = model.gauss_at(p1, centres)[0]
-        g2 = model.gauss_at(p2, centres)[0]
-        return (data - a1[:, None] * g1 - a2[:, None] * g2 - b[:, None]) * wt
+    data = data.astype(np.float32)
+    wt = wt.astype(np.float32)
 
-    cost = (residual(p1, p2, a1, a2, b) ** 2).sum(axis=1)
-    lam = np.full(len(rows), 1e-2)
-    active = np.arange(len(rows))
+    def evaluate(p: np.ndarray, i: np.ndarray) -> tuple[np.ndarray, _Gauss, _Gauss]:
+        g1, g2 = _Gauss(model, p[:, 1:4], centres[i]), _Gauss(model, p[:, 5:8], centres[i])
+        q = p.astype(np.float32)
+        r = (data[i] - q[:, 0, None] * g1.flat() - q[:, 4, None] * g2.flat() - q[:, 8, None]) * wt[
+            i
+        ]
+        return r, g1, g2
+
+    all_rows = np.arange(n)
+    resid, g1, g2 = evaluate(params, all_rows)
+    cost = (resid * resid).sum(axis=1, dtype=np.float64)
+    lam = np.full(n, 1e-2)
+    active = all_rows
     for _ in range(_LM_ITERATIONS):
         if not len(active):
             break
         i = active
-        g1, d1 = model.gauss_at(p1[i], centres[i], derivatives=True)
-        g2, d2 = model.gauss_at(p2[i], centres[i], derivatives=True)
         w = wt[i]
-        r = (data[i] - a1[i, None] * g1 - a2[i, None] * g2 - b[i, None]) * w
-        ag1, ag2 = a1[i, None] * g1 * w, a2[i, None] * g2 * w
-        jac = np.stack(
-            [g1 * w, ag1 * d1[0], ag1 * d1[1], ag1 * d1[2]]
-            + [g2 * w, ag2 * d2[0], ag2 * d2[1], ag2 * d2[2], w],
-            axis=1,
-        )
-        step = np.clip(_damped_step(jac, r, lam[i]), -lim, lim)
-        t1, t2 = p1[i] + step[:, 1:4], p2[i] + step[:, 5:8]
-        ta1, ta2, tb = a1[i] + step[:, 0], a2[i] + step[:, 4], b[i] + step[:, 8]
-        sub = model.gauss_at(t1, centres[i])[0], model.gauss_at(t2, centres[i])[0]
-        tr = (data[i] - ta1[:, None] * sub[0] - ta2[:, None] * sub[1] - tb[:, None]) * w
-        new = (tr * tr).sum(axis=1)
+        p = params[i]
+        jac = np.empty((len(i), 9, model.k), dtype=np.float32)
+        np.multiply(g1.flat(), w, out=jac[:, 0])
+        np.multiply(g2.flat(), w, out=jac[:, 4])
+        for ax in range(3):
+            np.multiply(g1.derivative(ax, p[:, 0]), w, out=jac[:, 1 + ax])
+            np.multiply(g2.derivative(ax, p[:, 4]), w, out=jac[:, 5 + ax])
+        jac[:, 8] = w
+        step = np.clip(_damped_step(jac, resid, lam[i]), -lim, lim)
+        trial = p + step
+        t_resid, t1, t2 = evaluate(trial, i)
+        new = (t_resid * t_resid).sum(axis=1, dtype=np.float64)
         ok = new < cost[i]
-        better = i[ok]
-        p1[better], p2[better] = t1[ok], t2[ok]
-        a1[better], a2[better], b[better] = ta1[ok], ta2[ok], tb[ok]
-        gain = cost[i] - np.where(ok, new, cost[i])
-        cost[better] = new[ok]
+        gain = np.where(ok, cost[i] - new, 0.0)
+        params[i[ok]] = trial[ok]
+        cost[i[ok]] = new[ok]
         lam[i] = np.where(ok, lam[i] * 0.3, lam[i] * 10.0)
+        # Gaussians and residuals of the current parameters, for the next step
+        resid = np.where(ok[:, None], t_resid, resid)
+        g1 = _merge(g1, t1, ok)
+        g2 = _merge(g2, t2, ok)
         # converged: the last step gained less than a thousandth of the cost
-        active = i[~(ok & (gain < 1e-3 * cost[i])) & (lam[i] < 1e6)]
-    return p1, p2, a1, a2, cost
+        go = ~(ok & (gain < 1e-3 * cost[i])) & (lam[i] < 1e6)
+        active = i[go]
+        resid, g1, g2 = resid[go], _take(g1, go), _take(g2, go)
+    return params[:, 1:4], params[:, 5:8], params[:, 0], params[:, 4], cost
+
+
+def _merge(old: _Gauss, new: _Gauss, ok: np.ndarray) -> _Gauss:
+    """``new`` where ``ok``, else ``old`` (row-wise)."""
+    m = ok[:, None, None, None]
+    out = object.__new__(_Gauss)
+    out.g = np.where(m, new.g, old.g)
+    out.du = [np.where(m, nd, od) for nd, od in zip(new.du, old.du, strict=True)]
+    return out
+
+
+def _take(gs: _Gauss, rows: np.ndarray) -> _Gauss:
+    out = object.__new__(_Gauss)
+    out.g = gs.g[rows]
+    out.du = [d[rows] for d in gs.du]
+    return out
 
 
 def fit_spots(
