@@ -40,6 +40,8 @@ _WINDOW_SIGMAS = 2.0  # a spot's window: +-2 sigma per axis (at least one voxel)
 _MAX_STEP_SIGMAS = 0.5  # one refinement step moves a spot at most this far per axis
 _SPLIT_START_SIGMAS = 0.6  # the two halves start this far either side of the centre
 _LM_ITERATIONS = 8
+_LM_TOLERANCE = 0.05  # a split fit has converged when a step gains < 0.05 noise variances
+_LM_HOPELESS_AFTER = 3
 _DAMPING = 0.1  # Gauss-Newton steps of the refinement: Marquardt damping
 _EPS = 1e-9
 _DENSE_POOL_VOXELS = 8_000_000  # in-memory images up to this size are used whole
@@ -110,16 +112,16 @@ class _Pool:
     """Image values at the voxels under the windows, each voxel read once.
 
     A voxel's slot never changes once given (new voxels are appended); slot 0 is a dummy
-    (value 0) standing for voxels outside the volume. An in-memory image up to
-    ``_DENSE_POOL_VOXELS`` is used whole (slot = flat index + 1, no look-ups).
+    (value 0) standing for voxels outside the volume (their weight is 0). An in-memory
+    image up to ``_DENSE_POOL_VOXELS`` is used whole (slot = flat index, no look-ups).
     """
 
     def __init__(self, vol: Any, shape: tuple[int, ...]) -> None:
         self.vol = vol
         self.shape = shape
         self.dense = isinstance(vol, np.ndarray) and int(np.prod(shape)) <= _DENSE_POOL_VOXELS
-        if self.dense:
-            self.vals = np.concatenate([[0.0], np.asarray(vol, dtype=np.float64).ravel()])
+        if self.dense:  # slot = flat index; outside voxels read voxel 0 with weight 0
+            self.vals = np.ascontiguousarray(vol).reshape(-1)
         else:
             self.vals = np.zeros(1)
             self.ids = np.array([-1], dtype=np.int64)  # flat voxel id of each slot
@@ -129,7 +131,7 @@ class _Pool:
     def slots(self, flat: np.ndarray) -> np.ndarray:
         """Slots of flat voxel ids (``-1``: outside, slot 0), reading new voxels."""
         if self.dense:
-            return flat + 1
+            return np.maximum(flat, 0)
         pos = np.minimum(np.searchsorted(self._sorted, flat), len(self._sorted) - 1)
         missing = self._sorted[pos] != flat
         if missing.any():
@@ -189,7 +191,6 @@ class _Model:
         self.offsets = [np.arange(-r, r + 1) for r in self.reach]
         self.grid = tuple(len(o) for o in self.offsets)
         self.k = int(np.prod(self.grid))
-        self._colour_cache: tuple[np.ndarray, np.ndarray, list[np.ndarray]] | None = None
 
     # --- state -----------------------------------------------------------------
     def set(
@@ -206,14 +207,9 @@ class _Model:
         self.floor = np.array(floor[order], dtype=np.float64)
         self.centres = np.rint(self.zyx).astype(np.int64)
         self.slot, self.weight = self._windows(self.centres)
-        self.model = np.bincount(
-            self.slot.ravel(),
-            weights=(
-                self.amp[:, None] * self.gauss(np.arange(len(self.zyx))) * self.weight
-            ).ravel(),
-            minlength=len(self.pool.vals),
-        )
-        self._colour_cache = None
+        self.model = np.zeros(len(self.pool.vals))
+        spots = self.amp[:, None] * self.gauss(np.arange(len(self.zyx))) * self.weight
+        np.add.at(self.model, self.slot, spots)
         rows = np.empty(len(order), dtype=np.int64)
         rows[order] = np.arange(len(order))
         return rows
@@ -247,7 +243,6 @@ class _Model:
         self.slot[moved], self.weight[moved] = self._windows(centres[moved])
         new = self.amp[moved, None] * self.gauss(moved) * self.weight[moved]
         np.add.at(self.model, self.slot[moved].ravel(), new.ravel())
-        self._colour_cache = None
 
     def gauss(self, rows: np.ndarray) -> np.ndarray:
         """Unit Gaussians of ``rows`` on their windows, ``(n, k)``."""
@@ -262,48 +257,52 @@ class _Model:
 
     # --- refinement ----------------------------------------------------------------
     def colours(self, rows: np.ndarray) -> list[np.ndarray]:
-        """``rows`` in classes whose windows do not overlap (greedy colouring of the
-        overlap graph in position order); kept while no window moves."""
-        cache = self._colour_cache
-        if cache is not None and len(cache[0]) == len(rows) and np.array_equal(cache[0], rows):
-            return cache[2]
+        """``rows`` in classes whose windows do not overlap: independent sets of the
+        overlap graph (Jones-Plassmann: a spot joins the current class when its priority,
+        a hash of its voxel, beats that of every neighbour not yet in a class)."""
         scale = 1.0 / np.maximum(2 * self.reach, 1)
         pairs = cKDTree(self.centres[rows] * scale).query_pairs(
             r=1.0, p=np.inf, output_type="ndarray"
         )
         if not len(pairs):
-            classes = [rows]
-        else:
-            both = np.concatenate([pairs, pairs[:, ::-1]])
-            both = both[np.argsort(both[:, 0], kind="stable")]
-            starts = np.searchsorted(both[:, 0], np.arange(len(rows) + 1)).tolist()
-            nbr = both[:, 1].tolist()
-            colour = [-1] * len(rows)
-            for i in range(len(rows)):
-                used = {colour[j] for j in nbr[starts[i] : starts[i + 1]]}
-                c = 0
-                while c in used:
-                    c += 1
-                colour[i] = c
-            col = np.asarray(colour)
-            by = np.argsort(col, kind="stable")
-            classes = np.split(rows[by], np.flatnonzero(np.diff(col[by])) + 1)
-        self._colour_cache = (rows.copy(), rows, classes)
+            return [rows]
+        c = self.centres[rows].astype(np.uint64)
+        prio = (c[:, 0] * np.uint64(73856093)) ^ (c[:, 1] * np.uint64(19349663))
+        prio = (prio ^ (c[:, 2] * np.uint64(83492791))) % np.uint64(1 << 40)
+        key = prio * np.uint64(len(rows)) + np.arange(len(rows), dtype=np.uint64)
+        i, j = pairs[:, 0], pairs[:, 1]
+        low = np.where(key[i] < key[j], i, j)  # of each pair, the one that waits
+        high = np.where(key[i] < key[j], j, i)
+        colour = np.full(len(rows), -1)
+        while (colour < 0).any():
+            open_ = colour < 0
+            blocked = np.zeros(len(rows), dtype=bool)
+            blocked[low[open_[low] & open_[high]]] = True
+            chosen = np.flatnonzero(open_ & ~blocked)
+            # each takes the smallest colour none of its coloured neighbours has
+            used = np.zeros((len(rows), int(colour.max()) + 2), dtype=bool)
+            for a, b in ((i, j), (j, i)):
+                done = colour[b] >= 0
+                used[a[done], colour[b[done]]] = True
+            colour[chosen] = np.argmin(used[chosen], axis=1)
+        order = np.argsort(colour, kind="stable")
+        cuts = np.flatnonzero(np.diff(colour[order])) + 1
+        classes = np.split(rows[order], cuts)
         return classes
 
-    def sweep(self, rows: np.ndarray) -> None:
-        """One Gauss-Seidel sweep over ``rows``: a damped Gauss-Newton step on each
-        spot's ``(a, b, p)``, colour class by colour class, on unchanged windows."""
+    def sweep(self, classes: list[np.ndarray]) -> None:
+        """One Gauss-Seidel sweep: a damped Gauss-Newton step on each spot's
+        ``(a, b, p)``, class by class, on unchanged windows."""
         lim = _MAX_STEP_SIGMAS * self.sigma
-        for cls in self.colours(rows):
+        for cls in classes:
             gs = _Gauss(self, self.zyx[cls], self.centres[cls])
             g = gs.flat()
             wt = self.weight[cls]
             slot = self.slot[cls]
             a, b = self.amp[cls], self.bg[cls]
-            self.model[slot] -= a[:, None] * g * wt  # disjoint windows: no repeated slot
-            resid = (self.pool.vals[slot] - self.model[slot] - a[:, None] * g - b[:, None]) * wt
-            resid = resid.astype(np.float32)
+            old = a[:, None] * g * wt
+            # the model holds this spot too: data minus everything minus the background
+            resid = ((self.pool.vals[slot] - self.model[slot] - b[:, None]) * wt).astype(np.float32)
             scale = np.maximum(a, _EPS)
             jac = np.empty((len(cls), 5, self.k), dtype=np.float32)
             np.multiply(g, wt, out=jac[:, 0])
@@ -314,12 +313,17 @@ class _Model:
             self.amp[cls] = np.maximum(a + step[:, 0], 0.0)
             self.bg[cls] = b + step[:, 1]
             self.zyx[cls] += np.clip(step[:, 2:], -lim, lim)
-            self.model[slot] += self.amp[cls, None] * self.gauss(cls) * wt
+            np.add.at(self.model, slot, self.amp[cls, None] * self.gauss(cls) * wt - old)
 
     def refine(self, rows: np.ndarray, sweeps: int) -> None:
+        """Gauss-Seidel sweeps over ``rows`` (classes from the windows at the start; a
+        window that moves in between may overlap one of its class: still correct, the
+        model is updated with unbuffered adds, only less damped)."""
+        if not len(rows):
+            return
+        classes = self.colours(rows)
         for _ in range(sweeps):
-            if len(rows):
-                self.sweep(rows)
+            self.sweep(classes)
             self.recentre()
 
     def neighbours(self, rows: np.ndarray) -> np.ndarray:
@@ -344,11 +348,20 @@ def _damped_step(jac: np.ndarray, resid: np.ndarray, damping: np.ndarray | float
 
 
 def _split_fit(
-    model: _Model, rows: np.ndarray, data: np.ndarray, wt: np.ndarray
+    model: _Model,
+    rows: np.ndarray,
+    data: np.ndarray,
+    wt: np.ndarray,
+    chi2_one: np.ndarray,
+    min_gain: float,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Two Gaussians and a background per window (Levenberg-Marquardt).
 
-    ``wt`` ``(n, k)``: square roots of the voxels' weights (0 outside the volume).
+    ``wt`` ``(n, k)``: square roots of the voxels' weights (0 outside the volume), so
+    that the residual sums of squares are in noise variances; ``chi2_one`` ``(n,)`` that
+    of the one-spot fit. A window stops when a step gains less than
+    ``_LM_TOLERANCE``, or after ``_LM_HOPELESS_AFTER`` steps when it has gained less
+    than a quarter of ``min_gain`` over the one-spot fit (it would not be split).
     Returns the centres ``p1, p2`` ``(n, 3)``, amplitudes ``a1, a2`` ``(n,)`` and the
     weighted residual sums of squares ``(n,)``.
     """
@@ -399,7 +412,7 @@ def _split_fit(
     cost = (resid * resid).sum(axis=1, dtype=np.float64)
     lam = np.full(n, 1e-2)
     active = all_rows
-    for _ in range(_LM_ITERATIONS):
+    for it in range(_LM_ITERATIONS):
         if not len(active):
             break
         i = active
@@ -425,8 +438,9 @@ def _split_fit(
         resid = np.where(ok[:, None], t_resid, resid)
         g1 = _merge(g1, t1, ok)
         g2 = _merge(g2, t2, ok)
-        # converged: the last step gained less than a thousandth of the cost
-        go = ~(ok & (gain < 1e-3 * cost[i])) & (lam[i] < 1e6)
+        go = ~(ok & (gain < _LM_TOLERANCE)) & (lam[i] < 1e6)
+        if it + 1 >= _LM_HOPELESS_AFTER:
+            go &= chi2_one[i] - cost[i] >= 0.25 * min_gain
         active = i[go]
         resid, g1, g2 = resid[go], _take(g1, go), _take(g2, go)
     return params[:, 1:4], params[:, 5:8], params[:, 0], params[:, 4], cost
@@ -493,7 +507,9 @@ def fit_spots(
         # the centre of a bright spot noisier than the background around it
         sqrt_w = model.weight[test] / np.sqrt(noise_var + gain * model.model[model.slot[test]])
         chi2_one = _one_spot_chi2(data, g, sqrt_w)
-        p1, p2, a1, a2, chi2_two = _split_fit(model, test, data, sqrt_w)
+        p1, p2, a1, a2, chi2_two = _split_fit(
+            model, test, data, sqrt_w, chi2_one, cfg.min_delta_chi2
+        )
         # misfit beyond the noise model (texture, a wrong PSF) scales the test up
         scale = np.maximum(1.0, chi2_two / np.maximum(model.weight[test].sum(axis=1) - 9, 1))
         accept = (chi2_one - chi2_two >= cfg.min_delta_chi2 * scale) & (
@@ -549,6 +565,8 @@ def _noise_model(model: _Model) -> tuple[float, float]:
     valid = model.weight > 0
     resid = (data - model.amp[:, None] * g - model.bg[:, None])[valid]
     signal = model.model[model.slot][valid]
+    step = max(1, len(signal) // 50_000)  # a regular subsample is plenty for 20 bins
+    signal, resid = signal[::step], resid[::step]
     order = np.argsort(signal, kind="stable")
     bins = np.array_split(order, min(20, max(1, len(order) // 200)))
     x = np.array([np.median(signal[b]) for b in bins])
