@@ -157,7 +157,14 @@ def decompose_blobs(
         sh[a + 1] = size[a]
         inside = inside & ((v >= 0) & (v < shape[a])).reshape(sh)
         idx.append(np.broadcast_to(_reflect(v, shape[a]).reshape(sh), (nb, *size)))
-    raw = gather(vol, np.stack([i.ravel() for i in idx], axis=1)).reshape(nb, *size)
+    if isinstance(vol, np.ndarray):
+        # in memory: windows of the volume mirrored once at its faces (as _reflect does)
+        padded = np.pad(vol, [(int(r), int(r)) for r in reach], mode="symmetric")
+        windows = np.lib.stride_tricks.sliding_window_view(padded, size)
+        raw = windows[peaks[:, 0], peaks[:, 1], peaks[:, 2]].astype(np.float32)
+    else:
+        raw = gather(vol, np.stack([i.ravel() for i in idx], axis=1)).reshape(nb, *size)
+        raw = raw.astype(np.float32)
     smooth = ndi.gaussian_filter(raw, (0.0, *sigma), truncate=3.0, mode="reflect")
     crop = (
         slice(None),

@@ -92,6 +92,7 @@ class SpotDetection:
     reference_amplitude : median amplitude of the detected spots (image units).
     n_clusters : blobs split into several spots.
     sigma_vox : spot sigma in voxels ``(z, y, x)`` (``z`` 0 for 2-D).
+    n_split : spots the fit's split test divided in two.
     """
 
     table: pl.DataFrame
@@ -100,6 +101,7 @@ class SpotDetection:
     reference_amplitude: float
     n_clusters: int
     sigma_vox: tuple[float, float, float]
+    n_split: int = 0
 
 
 def as_zyx_array(image: Any) -> tuple[Any, bool]:
@@ -337,7 +339,7 @@ def detect_spots(
         },
         schema=DETECTION_SCHEMA,
     )
-    return SpotDetection(table, float(t_sigma), noise, reference, n_clusters, sigma)
+    return SpotDetection(table, float(t_sigma), noise, reference, n_clusters, sigma, n_split)
 
 
 def _add_crowded(

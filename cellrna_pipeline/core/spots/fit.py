@@ -241,6 +241,10 @@ class _Model:
         np.subtract.at(self.model, self.slot[moved].ravel(), old.ravel())
         self.centres[moved] = centres[moved]
         self.slot[moved], self.weight[moved] = self._windows(centres[moved])
+        if len(self.model) < len(self.pool.vals):  # the pool read new voxels
+            self.model = np.concatenate(
+                [self.model, np.zeros(len(self.pool.vals) - len(self.model))]
+            )
         new = self.amp[moved, None] * self.gauss(moved) * self.weight[moved]
         np.add.at(self.model, self.slot[moved].ravel(), new.ravel())
 
@@ -273,18 +277,21 @@ class _Model:
         i, j = pairs[:, 0], pairs[:, 1]
         low = np.where(key[i] < key[j], i, j)  # of each pair, the one that waits
         high = np.where(key[i] < key[j], j, i)
+        src = np.concatenate([i, j])  # both directions, for the colours in use
+        dst = np.concatenate([j, i])
+        degree = np.bincount(src, minlength=len(rows))
+        used = np.zeros((len(rows), int(degree.max()) + 1), dtype=bool)
         colour = np.full(len(rows), -1)
-        while (colour < 0).any():
-            open_ = colour < 0
+        open_ = np.ones(len(rows), dtype=bool)
+        while open_.any():
             blocked = np.zeros(len(rows), dtype=bool)
             blocked[low[open_[low] & open_[high]]] = True
-            chosen = np.flatnonzero(open_ & ~blocked)
+            chosen = open_ & ~blocked
             # each takes the smallest colour none of its coloured neighbours has
-            used = np.zeros((len(rows), int(colour.max()) + 2), dtype=bool)
-            for a, b in ((i, j), (j, i)):
-                done = colour[b] >= 0
-                used[a[done], colour[b[done]]] = True
             colour[chosen] = np.argmin(used[chosen], axis=1)
+            open_ &= ~chosen
+            tell = chosen[src]
+            used[dst[tell], colour[src[tell]]] = True
         order = np.argsort(colour, kind="stable")
         cuts = np.flatnonzero(np.diff(colour[order])) + 1
         classes = np.split(rows[order], cuts)
@@ -347,32 +354,15 @@ def _damped_step(jac: np.ndarray, resid: np.ndarray, damping: np.ndarray | float
     return np.linalg.solve(jtj, jtr[..., None])[..., 0]
 
 
-def _split_fit(
-    model: _Model,
-    rows: np.ndarray,
-    data: np.ndarray,
-    wt: np.ndarray,
-    chi2_one: np.ndarray,
-    min_gain: float,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Two Gaussians and a background per window (Levenberg-Marquardt).
-
-    ``wt`` ``(n, k)``: square roots of the voxels' weights (0 outside the volume), so
-    that the residual sums of squares are in noise variances; ``chi2_one`` ``(n,)`` that
-    of the one-spot fit. A window stops when a step gains less than
-    ``_LM_TOLERANCE``, or after ``_LM_HOPELESS_AFTER`` steps when it has gained less
-    than a quarter of ``min_gain`` over the one-spot fit (it would not be split).
-    Returns the centres ``p1, p2`` ``(n, 3)``, amplitudes ``a1, a2`` ``(n,)`` and the
-    weighted residual sums of squares ``(n,)``.
-    """
+def _split_start(model: _Model, rows: np.ndarray, data: np.ndarray) -> np.ndarray:
+    """Two-spot start per window, ``(n, 9)`` ``[a1, p1, a2, p2, b]``: either side of the
+    centre along the principal axis of the window's light (in sigma units)."""
     n = len(rows)
     sigma = model.sigma
-    centres = model.centres[rows]
     pos, amp, bg = model.zyx[rows], model.amp[rows], model.bg[rows]
-    # start along the principal axis of the window's light (in sigma units)
     light = (np.maximum(data - bg[:, None], 0.0) * model.weight[rows]).reshape(n, *model.grid)
     total = light.reshape(n, -1).sum(axis=1) + _EPS
-    du = _Gauss(model, pos, centres).du  # (v - p) / sigma^2
+    du = _Gauss(model, pos, model.centres[rows]).du  # (v - p) / sigma^2
     coords = [du[a] * sigma[a] for a in range(3)]  # (v - p) / sigma, broadcastable
     mean = (
         np.stack([(light * c).reshape(n, -1).sum(axis=1) for c in coords], axis=1) / total[:, None]
@@ -384,7 +374,7 @@ def _split_fit(
             cj = coords[j] - mean[:, j, None, None, None]
             cov[:, i, j] = cov[:, j, i] = (light * ci * cj).reshape(n, -1).sum(axis=1) / total
     axis = np.linalg.eigh(cov + _EPS * np.eye(3))[1][:, :, -1] * sigma
-    params = np.concatenate(
+    return np.concatenate(
         [
             (0.55 * amp)[:, None],
             pos + _SPLIT_START_SIGMAS * axis,
@@ -394,40 +384,59 @@ def _split_fit(
         ],
         axis=1,
     )
-    lim = np.r_[np.inf, sigma, np.inf, sigma, np.inf]
 
+
+def _lm_fit(
+    model: _Model,
+    centres: np.ndarray,
+    data: np.ndarray,
+    wt: np.ndarray,
+    params: np.ndarray,
+    hopeless: tuple[np.ndarray, float] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """One or two Gaussians and a background per window (Levenberg-Marquardt).
+
+    ``centres`` ``(n, 3)``: the windows; ``data`` ``(n, k)``; ``wt`` ``(n, k)``: square
+    roots of the voxels' weights (0 outside the volume), so that residual sums of
+    squares are in noise variances; ``params`` ``(n, 4 m + 1)``: the start, ``[a, p]``
+    per spot then the background. A window stops when a step gains less than
+    ``_LM_TOLERANCE``; with ``hopeless = (chi2_ref, min_gain)``, also after
+    ``_LM_HOPELESS_AFTER`` steps when it is less than a quarter of ``min_gain`` below
+    ``chi2_ref``. Returns the fitted parameters and residual sums of squares ``(n,)``.
+    """
+    m = (params.shape[1] - 1) // 4
+    params = params.copy()
+    lim = np.r_[np.tile(np.r_[np.inf, model.sigma], m), np.inf]
     data = data.astype(np.float32)
     wt = wt.astype(np.float32)
 
-    def evaluate(p: np.ndarray, i: np.ndarray) -> tuple[np.ndarray, _Gauss, _Gauss]:
-        g1, g2 = _Gauss(model, p[:, 1:4], centres[i]), _Gauss(model, p[:, 5:8], centres[i])
+    def evaluate(p: np.ndarray, i: np.ndarray) -> tuple[np.ndarray, list[_Gauss]]:
+        gs = [_Gauss(model, p[:, 4 * s + 1 : 4 * s + 4], centres[i]) for s in range(m)]
         q = p.astype(np.float32)
-        r = (data[i] - q[:, 0, None] * g1.flat() - q[:, 4, None] * g2.flat() - q[:, 8, None]) * wt[
-            i
-        ]
-        return r, g1, g2
+        r = data[i] - q[:, -1, None]
+        for s, g in enumerate(gs):
+            r -= q[:, 4 * s, None] * g.flat()
+        return r * wt[i], gs
 
-    all_rows = np.arange(n)
-    resid, g1, g2 = evaluate(params, all_rows)
+    rows = np.arange(len(params))
+    resid, gs = evaluate(params, rows)
     cost = (resid * resid).sum(axis=1, dtype=np.float64)
-    lam = np.full(n, 1e-2)
-    active = all_rows
+    lam = np.full(len(params), 1e-2)
+    active = rows
     for it in range(_LM_ITERATIONS):
         if not len(active):
             break
         i = active
         w = wt[i]
         p = params[i]
-        jac = np.empty((len(i), 9, model.k), dtype=np.float32)
-        np.multiply(g1.flat(), w, out=jac[:, 0])
-        np.multiply(g2.flat(), w, out=jac[:, 4])
-        for ax in range(3):
-            np.multiply(g1.derivative(ax, p[:, 0]), w, out=jac[:, 1 + ax])
-            np.multiply(g2.derivative(ax, p[:, 4]), w, out=jac[:, 5 + ax])
-        jac[:, 8] = w
-        step = np.clip(_damped_step(jac, resid, lam[i]), -lim, lim)
-        trial = p + step
-        t_resid, t1, t2 = evaluate(trial, i)
+        jac = np.empty((len(i), 4 * m + 1, model.k), dtype=np.float32)
+        for s, g in enumerate(gs):
+            np.multiply(g.flat(), w, out=jac[:, 4 * s])
+            for ax in range(3):
+                np.multiply(g.derivative(ax, p[:, 4 * s]), w, out=jac[:, 4 * s + 1 + ax])
+        jac[:, -1] = w
+        trial = p + np.clip(_damped_step(jac, resid, lam[i]), -lim, lim)
+        t_resid, t_gs = evaluate(trial, i)
         new = (t_resid * t_resid).sum(axis=1, dtype=np.float64)
         ok = new < cost[i]
         gain = np.where(ok, cost[i] - new, 0.0)
@@ -436,14 +445,13 @@ def _split_fit(
         lam[i] = np.where(ok, lam[i] * 0.3, lam[i] * 10.0)
         # Gaussians and residuals of the current parameters, for the next step
         resid = np.where(ok[:, None], t_resid, resid)
-        g1 = _merge(g1, t1, ok)
-        g2 = _merge(g2, t2, ok)
+        gs = [_merge(g, t, ok) for g, t in zip(gs, t_gs, strict=True)]
         go = ~(ok & (gain < _LM_TOLERANCE)) & (lam[i] < 1e6)
-        if it + 1 >= _LM_HOPELESS_AFTER:
-            go &= chi2_one[i] - cost[i] >= 0.25 * min_gain
+        if hopeless is not None and it + 1 >= _LM_HOPELESS_AFTER:
+            go &= hopeless[0][i] - cost[i] >= 0.25 * hopeless[1]
         active = i[go]
-        resid, g1, g2 = resid[go], _take(g1, go), _take(g2, go)
-    return params[:, 1:4], params[:, 5:8], params[:, 0], params[:, 4], cost
+        resid, gs = resid[go], [_take(g, go) for g in gs]
+    return params, cost
 
 
 def _merge(old: _Gauss, new: _Gauss, ok: np.ndarray) -> _Gauss:
@@ -503,13 +511,17 @@ def fit_spots(
         if not len(test):
             break
         data, g = model.window_data(test)
-        # voxel weights 1 / (noise variance + gain x expected signal): shot noise makes
-        # the centre of a bright spot noisier than the background around it
-        sqrt_w = model.weight[test] / np.sqrt(noise_var + gain * model.model[model.slot[test]])
+        sqrt_w = _weights(model, test, noise_var, gain)
         chi2_one = _one_spot_chi2(data, g, sqrt_w)
-        p1, p2, a1, a2, chi2_two = _split_fit(
-            model, test, data, sqrt_w, chi2_one, cfg.min_delta_chi2
+        two, chi2_two = _lm_fit(
+            model,
+            model.centres[test],
+            data,
+            sqrt_w,
+            _split_start(model, test, data),
+            hopeless=(chi2_one, cfg.min_delta_chi2),
         )
+        a1, p1, a2, p2 = two[:, 0], two[:, 1:4], two[:, 4], two[:, 5:8]
         # misfit beyond the noise model (texture, a wrong PSF) scales the test up
         scale = np.maximum(1.0, chi2_two / np.maximum(model.weight[test].sum(axis=1) - 9, 1))
         accept = (chi2_one - chi2_two >= cfg.min_delta_chi2 * scale) & (
@@ -553,6 +565,14 @@ def fit_spots(
     return SpotFit(model.zyx, model.amp, model.floor, n_split, n_pruned, noise_var, gain)
 
 
+def _weights(model: _Model, rows: np.ndarray, noise_var: float, gain: float) -> np.ndarray:
+    """Square roots of the voxel weights ``1 / (noise_var + gain x signal)`` on the
+    windows of ``rows`` (0 outside the volume): shot noise makes the centre of a bright
+    spot noisier than the background around it."""
+    signal = model.model[model.slot[rows]]
+    return model.weight[rows] / np.sqrt(noise_var + gain * np.maximum(signal, 0.0))
+
+
 def _noise_model(model: _Model) -> tuple[float, float]:
     """Noise variance as ``noise_var + gain x signal`` from the fitted windows.
 
@@ -560,18 +580,19 @@ def _noise_model(model: _Model) -> tuple[float, float]:
     a line through the bins' medians (over the median of chi-square with one degree of
     freedom, 0.455) gives the background variance and the shot-noise gain (>= 0).
     """
-    rows = np.arange(len(model.zyx))
-    data, g = model.window_data(rows)
+    data, g = model.window_data(np.arange(len(model.zyx)))
     valid = model.weight > 0
     resid = (data - model.amp[:, None] * g - model.bg[:, None])[valid]
     signal = model.model[model.slot][valid]
-    step = max(1, len(signal) // 50_000)  # a regular subsample is plenty for 20 bins
+    step = max(1, len(signal) // 20_000)  # a regular subsample is plenty for 20 bins
     signal, resid = signal[::step], resid[::step]
-    order = np.argsort(signal, kind="stable")
-    bins = np.array_split(order, min(20, max(1, len(order) // 200)))
-    x = np.array([np.median(signal[b]) for b in bins])
-    y = np.array([np.median(resid[b] ** 2) / 0.455 for b in bins])
-    if len(bins) < 3 or np.ptp(x) <= 0:
+    order = np.argsort(signal)
+    nbins = min(20, max(1, len(order) // 200))
+    per = len(order) // nbins
+    order = order[len(order) - nbins * per :].reshape(nbins, per)  # equal bins
+    x = np.median(signal[order], axis=1)
+    y = np.median(resid[order] ** 2, axis=1) / 0.455
+    if nbins < 3 or np.ptp(x) <= 0:
         return max(float(np.median(y)), _EPS), 0.0
     gain, noise_var = np.polyfit(x, y, 1)
     noise_var = float(y[0]) if noise_var <= 0 else float(noise_var)
