@@ -14,6 +14,16 @@ Inputs
   masks and scored.
 * Speed on laptrack's scale: 200 frames x 2,000 points (2D Brownian motion, point input),
   linking with gap closing and splitting enabled in both; link accuracy against the truth.
+* Live-RNA spot tracking (``SPOT_SEQUENCES``): the generator's live-RNA mode (spots with
+  ground-truth track ids; easy to crowded, SNR 10 to 3, fast transport), 3D+t, with the
+  true spot positions and with the spots that the LoG detector finds. Ours with position
+  only, + intensity, + the learnt appearance embedding (shipped model, or ``--embedding``),
+  and laptrack, on the same points (gap closing over 2 frames in all). Scores: link
+  precision / recall / F1 (consecutive detections of a track that are the same true spot;
+  detections matched to true spots one-to-one within 3 voxels), track purity and
+  completeness, and py-ctcmetrics (TRA, DET, CHOTA) with the spots drawn as small label
+  masks (ellipsoids of 2 PSF sigma, truth and results alike). ``--tune-spots`` prints the
+  settings' grid on the tuning seeds.
 
 laptrack gets the objects' centroids in um (its input is points) and gates derived from
 the same median object diameter as ours; its cutoffs were chosen by ``--tune`` on the
@@ -22,8 +32,9 @@ on the same tuning seeds). Scores: ``py-ctcmetrics`` (Valid, DET, SEG, TRA, CHOT
 division precision/recall/F1 from its branching counts with no temporal tolerance
 (``BC(0)``: the division frame must be exact).
 
-Run (from the repository root; ~9 minutes on 2 cores: scoring 3D masks with py-ctcmetrics
-and laptrack's 200 x 2,000 run take most of it)::
+Run (from the repository root; about an hour on 2 shared cores: scoring 3D masks with
+py-ctcmetrics, laptrack on the crowded spot sequences and its 200 x 2,000 run take most
+of it; ``--no-spots`` / ``--no-cells`` / ``--no-speed`` skip sections)::
 
     OMP_WAIT_POLICY=PASSIVE nice .venv/bin/python benchmarks/tracking.py
 
@@ -58,6 +69,7 @@ from cellrna_pipeline.core.io.ctc import (  # noqa: E402
     write_ctc_result,
 )
 from cellrna_pipeline.core.synth import SynthConfig, synthesize  # noqa: E402
+from cellrna_pipeline.core.synth.optics import psf_sigma_vox  # noqa: E402
 from cellrna_pipeline.core.tracking import (  # noqa: E402
     LINEAGE_SCHEMA,
     TrackingConfig,
@@ -408,6 +420,432 @@ def speed(n_frames: int, n_points: int, seed: int = 0) -> list[str]:
     ]
 
 
+# ------------------------------------------------------------- live-RNA spot tracking
+
+# name -> generator settings on top of live_rna_config() (a volume every 2 s, slow cells,
+# no divisions); test seeds, --tune-spots adds 100. 3D, 15 x 32 x 256 x 256.
+SPOT_SEQUENCES: dict[str, dict] = {
+    "easy: 8 cells, 20 spots/cell, SNR 10": {
+        "seed": 11,
+        "n_cells": 8,
+        "spots_per_cell": 20.0,
+        "snr": 10.0,
+        "live_rna": {},
+    },
+    "standard: 40 spots/cell, SNR 6": {
+        "seed": 12,
+        "spots_per_cell": 40.0,
+        "snr": 6.0,
+        "live_rna": {},
+    },
+    "crowded: 120 spots/cell, SNR 6": {
+        "seed": 13,
+        "spots_per_cell": 120.0,
+        "snr": 6.0,
+        "live_rna": {},
+    },
+    "crowded, low SNR: 120 spots/cell, SNR 3": {
+        "seed": 14,
+        "spots_per_cell": 120.0,
+        "snr": 3.0,
+        "live_rna": {},
+    },
+    "fast: D 0.01-0.1 um2/s, 40 % directed": {
+        "seed": 15,
+        "spots_per_cell": 40.0,
+        "snr": 6.0,
+        "live_rna": {
+            "diffusion_um2_per_s": (0.01, 0.1),
+            "directed_fraction": 0.4,
+            "directed_speed_um_per_s": (0.2, 0.5),
+        },
+    },
+}
+SPOT_MATCH_VOX = 3.0  # detections match true spots one-to-one within 3 voxels
+SPOT_MAX_GAP = 2  # gap closing over 2 missing frames, in every method
+# laptrack's cutoff for spots (um per frame, chosen by --tune-spots)
+LAPTRACK_SPOT_CUTOFF_UM = 1.0
+LAPTRACK_SPOT_GRID = (0.5, 0.75, 1.0, 1.25, 1.5)
+
+
+@dataclass
+class SpotSequence:
+    name: str
+    volumes: np.ndarray  # (t, z, y, x) float32, channel rna0
+    truth: pl.DataFrame  # true spots of rna0 (t, spot_id, positions, intensity, gt)
+    voxel_size: VoxelSize
+    psf_sigma_vox: tuple[float, float, float]
+    detected: pl.DataFrame | None = None
+
+
+def make_spot_sequence(name: str, settings: dict, seed_offset: int = 0) -> SpotSequence:
+    from cellrna_pipeline.core.synth import live_rna_config
+
+    config = live_rna_config(
+        **{
+            "timepoints": 15,
+            "calibration_images": False,
+            **settings,
+            "seed": settings["seed"] + seed_offset,
+        }
+    )
+    acq = synthesize(config)
+    assert acq.image is not None
+    truth = (
+        acq.spot_table.filter(pl.col("channel") == "rna0")
+        .rename({"timepoint": "t", "amplitude": "intensity"})
+        .with_columns(pl.col("track_id").alias("gt"))
+        .drop("track_id")
+    )
+    return SpotSequence(
+        name=name,
+        volumes=acq.image[:, 2].astype(np.float32),
+        truth=truth,
+        voxel_size=acq.voxel_size,
+        psf_sigma_vox=psf_sigma_vox(acq.config.psf_sigma_nm, acq.config.voxel_size_um),
+    )
+
+
+def detect_sequence(seq: SpotSequence) -> pl.DataFrame:
+    """LoG detections of every frame, each matched to a true spot (``gt``, 0 = none)."""
+    from cellrna_pipeline.core.spots import detect_spots, match_spots
+
+    vox = np.asarray(seq.voxel_size.as_tuple())
+    frames = []
+    for t, volume in enumerate(seq.volumes):
+        det = detect_spots(volume, voxel_size=seq.voxel_size).table
+        pred = det.select("z", "y", "x").to_numpy()
+        rows = seq.truth.filter(pl.col("t") == t)
+        m = match_spots(pred, rows.select("z", "y", "x").to_numpy(), max_distance=SPOT_MATCH_VOX)
+        gt = np.zeros(len(pred), np.int64)
+        gt[m.pairs[:, 0]] = rows["gt"].to_numpy()[m.pairs[:, 1]]
+        frames.append(
+            det.select("spot_id", "z", "y", "x", "intensity").with_columns(
+                pl.lit(t, dtype=pl.Int32).alias("t"),
+                *(
+                    pl.col(a).mul(float(v)).alias(f"{a}_um")
+                    for a, v in zip("zyx", vox, strict=True)
+                ),
+                pl.Series("gt", gt),
+            )
+        )
+    return pl.concat(frames)
+
+
+def with_embeddings(dets: pl.DataFrame, seq: SpotSequence, embedder) -> pl.DataFrame:
+    parts = []
+    for t, volume in enumerate(seq.volumes):
+        rows = dets.filter(pl.col("t") == t)
+        vectors = embedder.embed(volume, rows.select("z", "y", "x").to_numpy())
+        parts.append(rows.with_columns(pl.Series("embedding", vectors)))
+    return pl.concat(parts)
+
+
+def run_ours_spots(
+    dets: pl.DataFrame, n_frames: int, config: TrackingConfig
+) -> tuple[pl.DataFrame, float]:
+    from cellrna_pipeline.core.tracking import track_spots
+
+    start = time.perf_counter()
+    out = track_spots(dets, config=config, n_frames=n_frames)
+    return out.select("t", "spot_id", "track_id"), time.perf_counter() - start
+
+
+def run_laptrack_spots(dets: pl.DataFrame, cutoff_um: float) -> tuple[pl.DataFrame, float]:
+    from laptrack import LapTrack
+
+    frame = dets.select("t", "spot_id", "z_um", "y_um", "x_um").to_pandas()
+    lt = LapTrack(
+        cutoff=cutoff_um**2,
+        gap_closing_cutoff=cutoff_um**2,
+        gap_closing_max_frame_count=SPOT_MAX_GAP,
+        splitting_cutoff=False,
+    )
+    start = time.perf_counter()
+    tdf, _, _ = lt.predict_dataframe(
+        frame, ["z_um", "y_um", "x_um"], frame_col="t", only_coordinate_cols=False
+    )
+    seconds = time.perf_counter() - start
+    tdf = tdf.reset_index(drop=True)
+    out = pl.DataFrame(
+        {
+            "t": tdf["t"].to_numpy().astype(np.int32),
+            "spot_id": tdf["spot_id"].to_numpy().astype(np.uint32),
+            "track_id": (tdf["track_id"].to_numpy() + 1).astype(np.uint32),
+        }
+    )
+    return out, seconds
+
+
+@dataclass
+class LinkScore:
+    correct: int
+    predicted: int
+    true: int
+    purity: float
+    completeness: float
+    tra: float = float("nan")
+    det: float = float("nan")
+    chota: float = float("nan")
+    seconds: float = 0.0
+
+    @property
+    def precision(self) -> float:
+        return self.correct / self.predicted if self.predicted else float("nan")
+
+    @property
+    def recall(self) -> float:
+        return self.correct / self.true if self.true else float("nan")
+
+    @property
+    def f1(self) -> float:
+        d = self.predicted + self.true
+        return 2 * self.correct / d if d else float("nan")
+
+
+def _consecutive(track: np.ndarray, t: np.ndarray) -> np.ndarray:
+    """Indices i (into rows sorted by track, t) where rows i, i+1 are one link."""
+    return np.flatnonzero((track[1:] == track[:-1]) & (t[1:] - t[:-1] <= SPOT_MAX_GAP + 1))
+
+
+def link_score(dets: pl.DataFrame, result: pl.DataFrame) -> LinkScore:
+    """Links (consecutive detections of a track, up to SPOT_MAX_GAP missing frames) that
+    join two detections of the same true spot; purity and completeness of the tracks."""
+    d = result.join(dets.select("t", "spot_id", "gt"), on=["t", "spot_id"], how="left").sort(
+        "track_id", "t"
+    )
+    tid, t, gt = (d[c].to_numpy().astype(np.int64) for c in ("track_id", "t", "gt"))
+    i = _consecutive(tid, t)
+    correct = int(((gt[i] == gt[i + 1]) & (gt[i] > 0)).sum())
+    g = dets.filter(pl.col("gt") > 0).sort("gt", "t")
+    true_links = len(_consecutive(g["gt"].to_numpy(), g["t"].to_numpy()))
+    matched = d.filter(pl.col("gt") > 0)
+    counts = matched.group_by("track_id", "gt").len()
+    purity = float(counts.group_by("track_id").agg(pl.col("len").max())["len"].sum()) / max(
+        matched.height, 1
+    )
+    completeness = float(counts.group_by("gt").agg(pl.col("len").max())["len"].sum()) / max(
+        matched.height, 1
+    )
+    return LinkScore(correct, len(i), true_links, purity, completeness)
+
+
+def result_from_tracks(tracks: pl.DataFrame) -> TrackingResult:
+    """A TrackingResult (no divisions) from ``t, spot_id, track_id`` rows (for ctc_tracks)."""
+    det = tracks.select(
+        pl.col("t").cast(pl.Int32),
+        pl.col("spot_id").cast(pl.UInt32).alias("label"),
+        pl.col("track_id").cast(pl.UInt32),
+    )
+    spans = (
+        det.group_by("track_id")
+        .agg(
+            pl.col("t").min().alias("begin_t"),
+            pl.col("t").max().alias("end_t"),
+            pl.len().alias("n_detections"),
+        )
+        .sort("track_id")
+    )
+    lineage = spans.select(
+        "track_id",
+        "begin_t",
+        "end_t",
+        pl.lit(0, dtype=pl.UInt32).alias("parent_track_id"),
+        pl.col("n_detections").cast(pl.Int32),
+    ).cast(LINEAGE_SCHEMA)  # type: ignore[arg-type]
+    return TrackingResult(det, lineage, np.zeros((1, 3)), 0.0, TrackingConfig())
+
+
+def _ctc_folder(result: TrackingResult, masks: list[np.ndarray], out: Path, *, gt: bool) -> None:
+    assignment, tracks = ctc_tracks(result)
+    frames = []
+    for t, frame in enumerate(masks):
+        rows = assignment.filter(pl.col("t") == t)
+        lut = np.zeros(int(max(frame.max(initial=0), rows["label"].max() or 0)) + 1, np.uint16)
+        lut[rows["label"].to_numpy().astype(np.int64)] = rows["ctc_label"].to_numpy()
+        frames.append(lut[frame])
+    if gt:
+        (out / "TRA").mkdir(parents=True)
+        for t, m in enumerate(frames):
+            tifffile.imwrite(out / "TRA" / f"man_track{t:03d}.tif", m, compression="zlib")
+        lines = "".join(f"{a} {b} {c} {d}\n" for a, b, c, d in tracks.iter_rows())
+        (out / "TRA" / "man_track.txt").write_text(lines)
+    else:
+        write_ctc_result(out, frames, tracks, n_frames=len(frames))
+
+
+SPOT_MASK_SIGMAS = 2.0  # CTC masks of spots: ellipsoids of 2 PSF sigma, for truth and results
+
+
+def spot_masks(seq: SpotSequence, rows: pl.DataFrame) -> list[np.ndarray]:
+    """Per frame, label masks of the spots in ``rows`` (label = ``spot_id``)."""
+    from cellrna_pipeline.core.spots import rasterize_spots
+
+    sigma = tuple(SPOT_MASK_SIGMAS * s for s in seq.psf_sigma_vox)
+    masks = []
+    for t in range(len(seq.volumes)):
+        r = rows.filter(pl.col("t") == t)
+        lab = rasterize_spots(
+            r.select("z", "y", "x").to_numpy(), seq.volumes.shape[1:], sigma_vox=sigma, labels=True
+        ).labels
+        assert lab is not None
+        lut = np.zeros(r.height + 1, np.uint32)
+        lut[1:] = r["spot_id"].to_numpy()
+        masks.append(lut[lab])
+    return masks
+
+
+def ctc_score(gt: Path, masks: list[np.ndarray], result: pl.DataFrame) -> dict:
+    """py-ctcmetrics of a spot tracking result against the CTC folder ``gt`` (see
+    :func:`spot_masks`; the result's masks are ``masks``, labels = ``spot_id``)."""
+    from ctc_metrics.scripts.evaluate import calculate_metrics, load_data
+
+    with tempfile.TemporaryDirectory() as tmp:
+        res = Path(tmp) / "RES"
+        _ctc_folder(result_from_tracks(result), masks, res, gt=False)
+        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            comp, ref, traj, segm, _, valid = load_data(str(res), str(gt), True, False, threads=1)
+            return calculate_metrics(comp, ref, traj, segm, ["Valid", "DET", "TRA", "CHOTA"], valid)
+
+
+def spot_methods(embedder, sigma: float | None = None) -> dict[str, Callable]:
+    """name -> runner(dets, n_frames) for the spot section (same detections for all)."""
+    from cellrna_pipeline.core.tracking import SPOT_APPEARANCE_SIGMA, spot_tracking_config
+
+    a = sigma if sigma is not None else SPOT_APPEARANCE_SIGMA
+    methods: dict[str, Callable] = {
+        "ours, position": lambda d, n: run_ours_spots(
+            d, n, spot_tracking_config(intensity_log_sigma=None)
+        ),
+        "ours, position + intensity": lambda d, n: run_ours_spots(d, n, spot_tracking_config()),
+    }
+    if embedder is not None:
+        methods["ours, position + embedding"] = lambda d, n: run_ours_spots(
+            d, n, spot_tracking_config(intensity_log_sigma=None, appearance_sigma=a)
+        )
+        methods["ours, position + intensity + embedding"] = lambda d, n: run_ours_spots(
+            d, n, spot_tracking_config(appearance_sigma=a)
+        )
+    methods["laptrack"] = lambda d, n: run_laptrack_spots(d, LAPTRACK_SPOT_CUTOFF_UM)
+    return methods
+
+
+def spot_section(names: list[str], embedder, *, with_ctc: bool = True) -> list[str]:
+    lines = [
+        "| sequence | input | method | link P | link R | link F1 | purity | completeness | TRA | DET | CHOTA | s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    pooled: dict[tuple[str, str], list[LinkScore]] = {}
+    for name in names:
+        seq = make_spot_sequence(name, SPOT_SEQUENCES[name])
+        n = len(seq.volumes)
+        tmp = tempfile.TemporaryDirectory()
+        gt = Path(tmp.name) / "GT"
+        if with_ctc:  # the true spots' tracks as a CTC ground truth, written once
+            truth = seq.truth.select("t", "spot_id", pl.col("gt").alias("track_id"))
+            _ctc_folder(result_from_tracks(truth), spot_masks(seq, seq.truth), gt, gt=True)
+        inputs = {"true positions": seq.truth, "detected (LoG)": detect_sequence(seq)}
+        per_frame = seq.truth.height / n
+        det_f1 = (
+            2
+            * int((inputs["detected (LoG)"]["gt"] > 0).sum())
+            / (inputs["detected (LoG)"].height + seq.truth.height)
+        )
+        for input_name, dets in inputs.items():
+            if embedder is not None:
+                dets = with_embeddings(dets, seq, embedder)
+            masks = spot_masks(seq, dets) if with_ctc else []
+            for method, runner in spot_methods(embedder).items():
+                result, seconds = runner(dets, n)
+                sc = link_score(dets, result)
+                sc.seconds = seconds
+                if with_ctc:
+                    r = ctc_score(gt, masks, result)
+                    sc.tra, sc.det, sc.chota = (
+                        float(r.get(k, float("nan"))) for k in ("TRA", "DET", "CHOTA")
+                    )
+                pooled.setdefault((input_name, method), []).append(sc)
+                row = (
+                    f"| {name} ({n} x 32 x 256 x 256, {per_frame:.0f} spots/frame, detection F1 {det_f1:.2f}) | {input_name} | {method} | "
+                    f"{sc.precision:.4f} | {sc.recall:.4f} | {sc.f1:.4f} | {sc.purity:.4f} | {sc.completeness:.4f} | "
+                    f"{sc.tra:.4f} | {sc.det:.3f} | {sc.chota:.4f} | {sc.seconds:.2f} |"
+                )
+                lines.append(row)
+                print(row, flush=True)
+        tmp.cleanup()
+    lines += [
+        "",
+        "| pooled over sequences | input | link P | link R | link F1 | mean TRA |",
+        "|---|---|---|---|---|---|",
+    ]
+    for (input_name, method), scores in pooled.items():
+        total = LinkScore(
+            sum(s.correct for s in scores),
+            sum(s.predicted for s in scores),
+            sum(s.true for s in scores),
+            0,
+            0,
+        )
+        tra = statistics.mean(s.tra for s in scores)
+        lines.append(
+            f"| {method} | {input_name} | {total.precision:.4f} | {total.recall:.4f} | {total.f1:.4f} | {tra:.4f} |"
+        )
+    return lines
+
+
+def tune_spots(names: list[str], embedder) -> None:
+    """Our spot settings and laptrack's cutoff on the tuning seeds (seed + 100), by pooled
+    link F1 over true and detected positions."""
+    from cellrna_pipeline.core.tracking import spot_tracking_config
+
+    seqs = [make_spot_sequence(n, SPOT_SEQUENCES[n], TUNE_SEED_OFFSET) for n in names]
+    inputs = []
+    for seq in seqs:
+        for dets in (seq.truth, detect_sequence(seq)):
+            inputs.append(
+                (with_embeddings(dets, seq, embedder) if embedder else dets, len(seq.volumes))
+            )
+
+    def pooled(runner) -> float:
+        scores = [link_score(d, runner(d, n)[0]) for d, n in inputs]
+        c, p, t = (sum(getattr(s, k) for s in scores) for k in ("correct", "predicted", "true"))
+        return 2 * c / (p + t)
+
+    print("laptrack cutoff (um): pooled link F1")
+    for cutoff in LAPTRACK_SPOT_GRID:
+        print(
+            f"  {cutoff}: {pooled(lambda d, n, c=cutoff: run_laptrack_spots(d, c)):.4f}", flush=True
+        )
+    print("ours, SPOT_TRACKING_DEFAULTS and one setting changed: pooled link F1")
+    grid = [
+        {},
+        {"max_displacement_um": 1.0},
+        {"max_displacement_um": 2.0},
+        {"velocity_persistence": 0.5},
+        {"motion_sigma_um": 0.15},
+        {"motion_sigma_um": 0.35},
+        {"adapt_motion": True},
+        {"position_sigma_um": 0.05},
+        {"intensity_log_sigma": None},
+        {"intensity_log_sigma": 0.2},
+        {"intensity_log_sigma": 0.5},
+        {"max_link_cost": 25.0},
+        {"max_link_cost": 38.0},
+        {"gap_cost_per_frame": 4.0},
+        {"gap_cost_per_frame": 10.0},
+    ]
+    for extra in grid:
+        f = pooled(lambda d, n, e=extra: run_ours_spots(d, n, spot_tracking_config(**e)))
+        print(f"  {extra}: {f:.4f}", flush=True)
+    if embedder is not None:
+        for sigma in (0.3, 0.4, 0.5, 0.6, 0.8):
+            f = pooled(
+                lambda d, n, s=sigma: run_ours_spots(d, n, spot_tracking_config(appearance_sigma=s))
+            )
+            print(f"  appearance_sigma {sigma}: {f:.4f}", flush=True)
+
+
 # ------------------------------------------------------------------------------- main
 
 
@@ -502,20 +940,71 @@ def main() -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data")
-    p.add_argument("--sequences", nargs="*", help="sequence names (default: all)")
+    p.add_argument("--sequences", nargs="*", help="cell sequence names (default: all)")
+    p.add_argument("--spot-sequences", nargs="*", help="live-RNA sequence names (default: all)")
     p.add_argument("--speed-frames", type=int, default=200)
     p.add_argument("--speed-points", type=int, default=2000)
     p.add_argument("--no-speed", action="store_true")
+    p.add_argument("--no-cells", action="store_true", help="skip the cell sections")
+    p.add_argument("--no-spots", action="store_true", help="skip the live-RNA spot section")
+    p.add_argument(
+        "--embedding",
+        type=Path,
+        help="spot embedding model folder (default: the shipped model_registry/spot-embedding)",
+    )
     p.add_argument(
         "--tune", action="store_true", help="grid-search laptrack's cutoffs on the tuning seeds"
+    )
+    p.add_argument(
+        "--tune-spots",
+        action="store_true",
+        help="spot settings (ours, laptrack) on the live-RNA tuning seeds",
     )
     p.add_argument("--out", type=Path, help="also write the markdown tables here")
     args = p.parse_args()
     names = args.sequences or list(SEQUENCES)
+    spot_names = args.spot_sequences or list(SPOT_SEQUENCES)
+    embedder = None
+    if not args.no_spots or args.tune_spots:
+        from cellrna_pipeline.core.device import configure_cpu_threads
+        from cellrna_pipeline.core.tracking import load_spot_embedder
+
+        embedder = load_spot_embedder(args.embedding, device="cpu")
+        configure_cpu_threads(1)
     if args.tune:
         tune(names)
         return 0
+    if args.tune_spots:
+        tune_spots(spot_names, embedder)
+        return 0
 
+    lines: list[str] = []
+    if not args.no_cells:
+        lines += cell_sections(names, args.data)
+    if not args.no_spots:
+        lines += [
+            "",
+            "## Live-RNA spot tracking (ours with and without the appearance embedding, laptrack)",
+            "",
+        ]
+        lines += spot_section(spot_names, embedder)
+    if not args.no_speed:
+        lines += [
+            "",
+            f"## Linking speed: {args.speed_frames} frames x {args.speed_points} points (2D, gap closing + splitting on)",
+            "",
+            "| method | seconds | points/s | link accuracy | divisions |",
+            "|---|---|---|---|---|",
+        ]
+        lines += speed(args.speed_frames, args.speed_points)
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.out:
+        args.out.write_text(text)
+    return 0
+
+
+def cell_sections(names: list[str], data: Path) -> list[str]:
     lines = ["## Generator sequences (GT masks as segmentation input)", ""]
     rows = []
     for name in names:
@@ -548,22 +1037,8 @@ def main() -> int:
         "| run | Valid | SEG | DET | TRA | CHOTA |",
         "|---|---|---|---|---|---|",
     ]
-    lines += fixture_check(args.data)
-
-    if not args.no_speed:
-        lines += [
-            "",
-            f"## Linking speed: {args.speed_frames} frames x {args.speed_points} points (2D, gap closing + splitting on)",
-            "",
-            "| method | seconds | points/s | link accuracy | divisions |",
-            "|---|---|---|---|---|",
-        ]
-        lines += speed(args.speed_frames, args.speed_points)
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        args.out.write_text(text)
-    return 0
+    lines += fixture_check(data)
+    return lines
 
 
 if __name__ == "__main__":

@@ -1,11 +1,15 @@
-"""``cellrna train cells|spots [--steps N] [--register]``: train a segmentation model.
+"""``cellrna train cells|spots|spot-embedding [--steps N] [--register]``: train a model.
 
 ``cells`` trains the cell Mask R-CNN on synthetic data (the defaults reproduce the shipped
 champion) and writes a model folder; ``--register`` logs the run to the data root's
 MLflow and registers the model as ``challenger`` of ``cellrna-cell-maskrcnn``;
 ``--promote`` also makes it ``champion`` if it beats the current one on unseen
 validation volumes. ``spots`` calls the RNA-spot model's trainer
-(``cellrna_pipeline.core.spots.maskrcnn.train_spot_model``).
+(``cellrna_pipeline.core.spots.maskrcnn.train_spot_model``). ``spot-embedding`` trains
+the spot tracker's appearance embedding on the generator's live-RNA mode
+(``cellrna_pipeline.core.tracking.embedding_train``; the defaults reproduce the shipped
+``model_registry/spot-embedding``); ``--register`` registers it as
+``cellrna-spot-embedding``.
 """
 
 from __future__ import annotations
@@ -21,10 +25,12 @@ from cellrna_pipeline.core.errors import InputError
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "train",
-        help="train the cell or spot segmentation model (optionally register it in MLflow)",
-        description="Train a Mask R-CNN from scratch on the synthetic generator. Long: shows progress.",
+        help="train the cell or spot segmentation model or the spot embedding (optionally "
+        "register it in MLflow)",
+        description="Train a Mask R-CNN (cells, spots) or the spot tracker's appearance "
+        "embedding (spot-embedding) from scratch on the synthetic generator. Long: shows progress.",
     )
-    p.add_argument("target", choices=("cells", "spots"), help="which model")
+    p.add_argument("target", choices=("cells", "spots", "spot-embedding"), help="which model")
     p.add_argument("--steps", type=int, help="optimizer steps (default: the champion's recipe)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--volumes", type=int, help="cells: synthetic training volumes (default 48)")
@@ -51,8 +57,14 @@ def _progress(msg: str) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.steps is not None and args.steps < 1:
         raise InputError(f"--steps must be >= 1, got {args.steps}")
+    if args.volumes is not None and args.volumes < 1:
+        raise InputError(f"--volumes must be >= 1, got {args.volumes}")
     if args.promote and not args.register:
         raise InputError("--promote needs --register")
+    if args.target == "spot-embedding":
+        if args.promote or args.volumes is not None:
+            raise InputError("--promote and --volumes are for cells only")
+        return _train_spot_embedding(args)
     if args.target == "spots":
         if args.promote:
             raise InputError(
@@ -75,8 +87,6 @@ def _train_cells(args: argparse.Namespace) -> int:
     from cellrna_pipeline.core.segmentation.train import DatasetConfig, TrainConfig, run_training
 
     root = DataRoot.from_env(args.home)
-    if args.volumes is not None and args.volumes < 1:
-        raise InputError(f"--volumes must be >= 1, got {args.volumes}")
     data = DatasetConfig(seed=args.seed)
     fields: dict[str, Any] = {"seed": args.seed, "data": data}
     if args.volumes is not None:
@@ -190,4 +200,45 @@ def _train_spots(args: argparse.Namespace) -> int:
             Path(folder), RNA_MODEL, experiment="cellrna-rna-training", aliases=(CHALLENGER,)
         )
         print(f"registered {RNA_MODEL} version {version.version} as '{CHALLENGER}'")
+    return 0
+
+
+SPOT_EMBEDDING_MODEL = "cellrna-spot-embedding"
+
+
+def _train_spot_embedding(args: argparse.Namespace) -> int:
+    from cellrna_pipeline.core.paths import DataRoot
+    from cellrna_pipeline.core.tracking.embedding_train import (
+        EmbeddingTrainConfig,
+        train_spot_embedding,
+    )
+
+    root = DataRoot.from_env(args.home)
+    fields: dict[str, Any] = {"seed": args.seed}
+    if args.steps is not None:
+        fields["steps"] = args.steps
+    config = EmbeddingTrainConfig(**fields)
+    out = _out_dir(args, root, "spot-embedding")
+    command = (
+        "cellrna train spot-embedding"
+        + (f" --steps {args.steps}" if args.steps else "")
+        + (f" --seed {args.seed}" if args.seed else "")
+    )
+    result = train_spot_embedding(config, out, progress=_progress, command=command)
+    print(
+        f"wrote {result.folder} ({config.steps} steps, {result.seconds / 60:.1f} min; "
+        f"validation top-1 position {result.metrics.get('top1_position', float('nan')):.4f}, "
+        f"position + embedding {result.metrics.get('top1_joint', float('nan')):.4f})"
+    )
+    if args.register:
+        from cellrna_pipeline.integrations.mlflow_registry import CHALLENGER, MlflowRegistry
+
+        registry = MlflowRegistry.for_data_root(root)
+        version = registry.log_model_folder(
+            out,
+            SPOT_EMBEDDING_MODEL,
+            experiment="cellrna-spot-embedding-training",
+            aliases=(CHALLENGER,),
+        )
+        print(f"registered {SPOT_EMBEDDING_MODEL} version {version.version} as '{CHALLENGER}'")
     return 0

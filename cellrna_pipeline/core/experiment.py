@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from cellrna_pipeline.core.errors import InputError
@@ -33,6 +34,9 @@ class ExperimentRecord:
     fingerprint : identifies the source content (manifest or size+mtime); a re-drop of the
         same acquisition has the same fingerprint.
     registered_at : UNIX time of registration.
+    live_rna : a live-RNA acquisition (spots persist over frames): the ``spot_tracks``
+        asset tracks its spots. From ``"live_rna": true`` in the acquisition's manifest
+        (written by the generator's live-RNA mode) or ``cellrna ingest --live-rna``.
     """
 
     name: str
@@ -44,6 +48,7 @@ class ExperimentRecord:
     frame_interval_s: float | None
     fingerprint: str
     registered_at: float
+    live_rna: bool = False
 
     @property
     def n_timepoints(self) -> int:
@@ -79,6 +84,16 @@ def source_fingerprint(path: Path) -> str:
     return f"stat:{len(files)}:{total}:{newest}"
 
 
+def manifest_says_live_rna(path: Path) -> bool:
+    """True when ``path`` is an acquisition folder whose manifest has ``"live_rna": true``."""
+    path = Path(path)
+    if not (path.is_dir() and (path / "manifest.json").exists()):
+        return False
+    from cellrna_pipeline.core.synth.manifest import read_manifest
+
+    return read_manifest(path).get("live_rna") is True
+
+
 def resolve_image_path(path: Path) -> Path:
     """The image inside an acquisition folder (named by its manifest), or ``path`` itself."""
     path = Path(path)
@@ -95,7 +110,9 @@ def register_experiment(
     source: Path,
     *,
     voxel_size: VoxelSize | None = None,
+    channel_names: Sequence[str] | None = None,
     overwrite: bool = False,
+    live_rna: bool | None = None,
 ) -> ExperimentRecord:
     """Validate ``source`` and write the experiment record.
 
@@ -106,7 +123,10 @@ def register_experiment(
     source : an acquisition folder with ``manifest.json``, an OME-TIFF/TIFF file, or an
         OME-Zarr image.
     voxel_size : overrides the voxel size in the metadata; required where there is none.
+    channel_names : one name per channel; overrides the names in the metadata.
     overwrite : replace an existing record with a different source fingerprint.
+    live_rna : mark the experiment as a live-RNA acquisition (spot tracking on);
+        ``None``: as its manifest says (off without one).
 
     Raises
     ------
@@ -120,7 +140,8 @@ def register_experiment(
     if not source.exists():
         raise InputError(f"no such file or folder: {source}")
     image_path = resolve_image_path(source)
-    meta = open_source(image_path, voxel_size=voxel_size).meta
+    with open_source(image_path, voxel_size=voxel_size, channel_names=channel_names) as src:
+        meta = src.meta
     record = ExperimentRecord(
         name=name,
         source=str(image_path),
@@ -131,6 +152,7 @@ def register_experiment(
         frame_interval_s=meta.frame_interval_s,
         fingerprint=source_fingerprint(source),
         registered_at=time.time(),
+        live_rna=manifest_says_live_rna(source) if live_rna is None else live_rna,
     )
     path = root.ensure().experiment_record(name)
     if path.exists() and not overwrite:
@@ -140,11 +162,31 @@ def register_experiment(
                 f"experiment {name!r} is already registered from {old.source}; "
                 "choose another name or re-ingest with --overwrite"
             )
-        return old
+        if live_rna is None or old.live_rna == live_rna:
+            return old
+        record = replace(old, live_rna=live_rna)
     from cellrna_pipeline.core.io import atomic_write_text
 
     atomic_write_text(path, json.dumps(asdict(record), indent=2))
     return record
+
+
+def experiment_data_paths(root: DataRoot, name: str) -> list[Path]:
+    """Everything stored for one experiment (existing or not): its record, raw and processed
+    images, calibration, per-partition tables, CTC export and reports. The warehouse holds
+    its rows too (:func:`cellrna_pipeline.integrations.warehouse.load_experiment`)."""
+    validate_experiment_name(name)
+    tables = root.home / "tables"
+    per_table = sorted(d / name for d in tables.iterdir() if d.is_dir()) if tables.is_dir() else []
+    return [
+        root.experiment_record(name),
+        root.raw(name),
+        root.processed(name),
+        root.home / "calibration" / name,
+        root.home / "ctc" / name,
+        root.reports / name,
+        *per_table,
+    ]
 
 
 def load_experiment(root: DataRoot, name: str) -> ExperimentRecord:

@@ -32,6 +32,9 @@ from cellrna_pipeline.defs.assets.tracking import (
     cell_tracks,
     check_cell_tracks_divisions_two_daughters,
     check_cell_tracks_no_jump_beyond_gate,
+    check_spot_tracks_every_spot_once,
+    check_spot_tracks_no_jump_beyond_gate,
+    spot_tracks,
 )
 from cellrna_pipeline.defs.checks import check_raw_volume_has_signal
 from cellrna_pipeline.defs.jobs import ingest_job, tables_job
@@ -49,6 +52,7 @@ ASSETS = [
     cell_masks,
     rna_spots,
     cell_tracks,
+    spot_tracks,
     statistics_tables,
     warehouse,
     qc_preview,
@@ -56,6 +60,8 @@ ASSETS = [
 ]
 TRAINING_ASSETS = [cell_segmentation_model]
 """Trained only on request (`cellrna train`, or from the UI); the runner skips them by default."""
+LIVE_RNA_ASSETS = [spot_tracks]
+"""Only for live-RNA experiments: the runner skips them by default for the others."""
 
 CHECKS = [
     check_raw_volume_has_signal,
@@ -69,6 +75,8 @@ CHECKS = [
     check_rna_spots_density,
     check_cell_tracks_no_jump_beyond_gate,
     check_cell_tracks_divisions_two_daughters,
+    check_spot_tracks_no_jump_beyond_gate,
+    check_spot_tracks_every_spot_once,
 ]
 
 

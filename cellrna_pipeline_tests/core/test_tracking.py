@@ -415,3 +415,26 @@ def test_track_labels_counts_trailing_empty_frames():
     assert result.lineage.height == 1
     with pytest.raises(InputError, match="empty"):
         track_labels(np.zeros((3, 8, 8), np.uint8), voxel_size=UM)
+
+
+def test_division_volume_cost_at_the_border():
+    from cellrna_pipeline.core.tracking.tracker import _division_volume_cost
+
+    inside = (False, False, False)
+    # alike daughters that add up: cheap anywhere
+    assert _division_volume_cost(2.0, 1.0, 1.0, inside, 0.25) == pytest.approx(0.0)
+    # a daughter mostly out of view (cut, 5 % of its sibling) while the other holds half
+    # the parent: the asymmetry is the border's doing, only the sum counts
+    cut = (True, True, True)
+    assert _division_volume_cost(2.0, 1.0, 0.05, cut, 0.25) == pytest.approx(
+        np.log(1.05 / 2.0) ** 2 / 0.25**2
+    )
+    # a sliver entering next to a cell that carries on at full volume is not let off
+    sliver = _division_volume_cost(2.0, 1.95, 0.05, cut, 0.25)
+    assert sliver > 10.0
+    # inside the field the same asymmetry costs the full symmetry term (4x the weight
+    # it has when only the parent is cut)
+    full = _division_volume_cost(2.0, 1.0, 0.05, inside, 0.25)
+    part = _division_volume_cost(2.0, 1.0, 0.05, (True, False, False), 0.25)
+    total = np.log(1.05 / 2.0) ** 2 / 0.25**2
+    assert full - total == pytest.approx(4 * (part - total))

@@ -4,14 +4,21 @@
 >>> write_acquisition(acq, Path("out/exp1"))             # doctest: +SKIP
 """
 
-from cellrna_pipeline.core.synth.config import SynthConfig
+from cellrna_pipeline.core.synth.config import (
+    LIVE_RNA_DEFAULTS,
+    LiveRnaConfig,
+    SynthConfig,
+    live_rna_config,
+)
 from cellrna_pipeline.core.synth.generator import (
     LINEAGE_SCHEMA,
+    LIVE_SPOT_TABLE_SCHEMA,
     SPOT_TABLE_SCHEMA,
     SynthAcquisition,
     channel_shifts_px,
     illumination_of,
     make_calibration_images,
+    spot_table_schema,
     synthesize,
 )
 from cellrna_pipeline.core.synth.manifest import (
@@ -31,18 +38,23 @@ from cellrna_pipeline.core.synth.write import (
 __all__ = [
     "CALIBRATION_FILES",
     "LINEAGE_SCHEMA",
+    "LIVE_RNA_DEFAULTS",
+    "LIVE_SPOT_TABLE_SCHEMA",
     "MANIFEST_FORMAT",
     "MANIFEST_NAME",
     "SPOT_TABLE_SCHEMA",
+    "LiveRnaConfig",
     "SynthAcquisition",
     "SynthConfig",
     "acquisition_is_complete",
     "channel_shifts_px",
     "illumination_of",
+    "live_rna_config",
     "load_ground_truth",
     "make_calibration_images",
     "read_ctc_lineage",
     "read_manifest",
+    "spot_table_schema",
     "synthesize",
     "write_acquisition",
     "write_manifest",

@@ -8,11 +8,60 @@ levels photons per voxel (``_photons``), camera values counts (``_adu``) or elec
 from __future__ import annotations
 
 import math
+from typing import Any
 
 from cellrna_pipeline.core.config import CheckedModel
 from cellrna_pipeline.core.errors import InputError
 
 _MAX_CHANNEL_SHIFT_NM = 5000.0
+# live-RNA mode: the largest rms step per axis and frame that a spot may take (um)
+_MAX_LIVE_STEP_UM = 2.0
+
+
+class LiveRnaConfig(CheckedModel):
+    """Live-RNA mode of the generator: spots persist over frames with an identity.
+
+    Each spot moves with its cell (and the cell's growth), plus its own motion:
+    diffusion with a coefficient drawn per spot (log-uniform in ``diffusion_um2_per_s``)
+    or, for ``directed_fraction`` of them, directed transport at a speed drawn in
+    ``directed_speed_um_per_s`` in a direction kept with probability
+    ``direction_persistence`` per frame. Spots are born and die (mean lifetime
+    ``lifetime_frames``; births keep each cell's mean count at the static mode's),
+    fluctuate in brightness (lognormal, ``intensity_fluctuation_cv`` per frame,
+    correlation 0.5 between frames; transcription sites twice that: bursting) and are
+    dark in a frame with ``blink_probability``. See ``docs/generator.md``.
+    """
+
+    diffusion_um2_per_s: tuple[float, float] = (0.002, 0.05)
+    directed_fraction: float = 0.2
+    directed_speed_um_per_s: tuple[float, float] = (0.1, 0.4)
+    direction_persistence: float = 0.9
+    lifetime_frames: float = 30.0
+    blink_probability: float = 0.05
+    intensity_fluctuation_cv: float = 0.2
+
+    def _check(self) -> None:
+        lo, hi = self.diffusion_um2_per_s
+        if not (math.isfinite(lo) and math.isfinite(hi) and 0 < lo <= hi):
+            raise InputError(
+                f"live_rna.diffusion_um2_per_s must be 0 < low <= high, got {[lo, hi]}"
+            )
+        lo, hi = self.directed_speed_um_per_s
+        if not (math.isfinite(lo) and math.isfinite(hi) and 0 <= lo <= hi):
+            raise InputError(
+                f"live_rna.directed_speed_um_per_s must be 0 <= low <= high, got {[lo, hi]}"
+            )
+        for name in ("directed_fraction", "direction_persistence", "blink_probability"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and 0 <= value <= 1):
+                raise InputError(f"live_rna.{name} must be in [0, 1], got {value!r}")
+        if self.blink_probability >= 1:
+            raise InputError("live_rna.blink_probability must be < 1 (spots would never show)")
+        if not (math.isfinite(self.lifetime_frames) and self.lifetime_frames >= 1):
+            raise InputError(f"live_rna.lifetime_frames must be >= 1, got {self.lifetime_frames!r}")
+        cv = self.intensity_fluctuation_cv
+        if not (math.isfinite(cv) and 0 <= cv <= 2):
+            raise InputError(f"live_rna.intensity_fluctuation_cv must be in [0, 2], got {cv!r}")
 
 
 class SynthConfig(CheckedModel):
@@ -74,6 +123,9 @@ class SynthConfig(CheckedModel):
     confluence_limit: float = 2.0
     enter_leave: bool = True
 
+    # live-RNA mode (None: every frame's spots are drawn anew, without identity)
+    live_rna: LiveRnaConfig | None = None
+
     def _check(self) -> None:
         _check_ranges(self)
 
@@ -81,6 +133,25 @@ class SynthConfig(CheckedModel):
     def channel_names(self) -> tuple[str, ...]:
         """``("nucleus", "cytoplasm", "rna0"[, "rna1"])``."""
         return ("nucleus", "cytoplasm", *(f"rna{r}" for r in range(self.n_rna_channels)))
+
+
+LIVE_RNA_DEFAULTS: dict[str, Any] = {
+    "frame_interval_s": 2.0,
+    "motion_um_per_frame": 0.1,
+    "drift_um_per_frame": (0.05, 0.2, 0.2),
+    "division_probability": 0.0,
+}
+"""Settings of a live-RNA movie that :func:`live_rna_config` starts from: a volume every
+2 s, cells and stage moving accordingly slowly, no divisions during the movie."""
+
+
+def live_rna_config(**overrides: Any) -> SynthConfig:
+    """A live-RNA :class:`SynthConfig`: :data:`LIVE_RNA_DEFAULTS`, ``live_rna=LiveRnaConfig()``
+    and ``overrides`` (``live_rna`` may be a dict of :class:`LiveRnaConfig` fields)."""
+    live = overrides.pop("live_rna", None)
+    if not isinstance(live, LiveRnaConfig):
+        live = LiveRnaConfig(**(live or {}))
+    return SynthConfig(**{**LIVE_RNA_DEFAULTS, **overrides, "live_rna": live})
 
 
 def _check_ranges(c: SynthConfig) -> None:
@@ -176,3 +247,14 @@ def _check_ranges(c: SynthConfig) -> None:
     finite("confluence_limit", c.confluence_limit)
     if c.confluence_limit <= 1:
         raise InputError(f"confluence_limit must be > 1, got {c.confluence_limit!r}")
+    if c.live_rna is not None:
+        dt = c.frame_interval_s
+        step = max(
+            math.sqrt(2.0 * c.live_rna.diffusion_um2_per_s[1] * dt),
+            c.live_rna.directed_speed_um_per_s[1] * dt,
+        )
+        if step > _MAX_LIVE_STEP_UM:
+            raise InputError(
+                f"live_rna: spots would move up to {step:.2g} um per frame at frame_interval_s="
+                f"{dt:g}; lower frame_interval_s (live imaging: about 1-5 s) or the spot motion"
+            )

@@ -22,6 +22,7 @@ from cellrna_pipeline.core.synth.labels import (
     render_nuclei,
     render_spot_labels,
 )
+from cellrna_pipeline.core.synth.live import LiveSpots
 from cellrna_pipeline.core.synth.optics import (
     Texture,
     add_gaussian_spots,
@@ -52,6 +53,9 @@ SPOT_TABLE_SCHEMA: dict[str, pl.DataType] = {
     "amplitude": pl.Float64(),
     "kind": pl.String(),
 }
+#: :data:`SPOT_TABLE_SCHEMA` plus ``track_id`` (u32, the spot's ground-truth track): the
+#: spot table of a live-RNA acquisition (``config.live_rna`` set).
+LIVE_SPOT_TABLE_SCHEMA: dict[str, pl.DataType] = {**SPOT_TABLE_SCHEMA, "track_id": pl.UInt32()}
 #: Columns and dtypes of :attr:`SynthAcquisition.lineage` (Cell Tracking Challenge ``L B E P``).
 LINEAGE_SCHEMA: dict[str, pl.DataType] = {
     "label": pl.UInt32(),
@@ -176,6 +180,12 @@ def _slab(labels: np.ndarray, margin: int) -> slice:
     )
 
 
+def spot_table_schema(config: SynthConfig) -> dict[str, pl.DataType]:
+    """The spot table's schema: :data:`LIVE_SPOT_TABLE_SCHEMA` in live-RNA mode, else
+    :data:`SPOT_TABLE_SCHEMA`."""
+    return LIVE_SPOT_TABLE_SCHEMA if config.live_rna is not None else SPOT_TABLE_SCHEMA
+
+
 def channel_shifts_px(config: SynthConfig) -> np.ndarray:
     """``(c, 3)`` float64 chromatic shift per channel in voxels (zeros if none configured)."""
     n_c = len(config.channel_names)
@@ -259,9 +269,12 @@ def synthesize(config: SynthConfig) -> SynthAcquisition:
     ``snr`` or ``spots_per_cell`` leaves the cells, their motion and the drift unchanged.
     """
     c = config
-    # a fifth stream for calibration images: the first four are those of earlier versions,
-    # so acquisitions without the new options are bit-identical to theirs
-    geo_rng, spot_rng, tex_rng, noise_rng, calib_rng = np.random.default_rng(c.seed).spawn(5)
+    # a fifth stream for calibration images and a sixth for live-RNA spots: the first four
+    # are those of earlier versions (spawned children do not depend on how many are
+    # spawned), so acquisitions without the new options are bit-identical to theirs
+    geo_rng, spot_rng, tex_rng, noise_rng, calib_rng, live_rng = np.random.default_rng(
+        c.seed
+    ).spawn(6)
     n_t, (nz, ny, nx) = c.timepoints, c.shape_zyx
     shape = c.shape_zyx
     vox = c.voxel_size_um
@@ -286,6 +299,7 @@ def synthesize(config: SynthConfig) -> SynthAcquisition:
         c.background_photons, c.camera_gain_adu_per_e, c.read_noise_e
     )
     background = illum * np.float32(c.background_photons)
+    live = LiveSpots(c, live_rng, amplitude_adu) if c.live_rna is not None else None
     # a slab keeps this many empty slices around the cells: blur and texture are exact
     margin = int(np.ceil(3.0 * max(psf[0], texture.sigma[0]))) + 2
     camera_kw = {
@@ -300,6 +314,7 @@ def synthesize(config: SynthConfig) -> SynthAcquisition:
     spots_out = np.zeros((n_t, n_rna, nz, ny, nx), dtype=np.uint32)
     lineage: dict[int, list[int]] = {}
     tables: list[pl.DataFrame] = []
+    table_schema = spot_table_schema(c)
     next_label = 1
 
     for t in range(n_t):
@@ -390,17 +405,33 @@ def synthesize(config: SynthConfig) -> SynthAcquisition:
             image[t, ch] = camera(photons, noise_rng, **camera_kw)
 
         # --- RNA channels: spots over the cell's autofluorescence
-        for r in range(n_rna):
-            frame_spots = sample_spots(
+        live_spots = (
+            live.frame(
                 cells=cells,
                 boxes=boxes,
                 visible_fraction=fraction,
                 cell_labels=labels,
                 nuclei=nuclei,
-                channel=r,
-                config=c,
-                amplitude_adu=amplitude_adu,
-                rng=spot_rng,
+                drift_um=drift[t],
+            )
+            if live is not None
+            else None
+        )
+        for r in range(n_rna):
+            frame_spots = (
+                live_spots[r]
+                if live_spots is not None
+                else sample_spots(
+                    cells=cells,
+                    boxes=boxes,
+                    visible_fraction=fraction,
+                    cell_labels=labels,
+                    nuclei=nuclei,
+                    channel=r,
+                    config=c,
+                    amplitude_adu=amplitude_adu,
+                    rng=spot_rng,
+                )
             )
             centres = frame_spots.centres_vox
             rna_img = np.zeros(shape, dtype=np.float32)
@@ -420,6 +451,9 @@ def synthesize(config: SynthConfig) -> SynthAcquisition:
             prov_cell, prov_nuc = labels[idx], nuclei[idx]
             compartment = np.where(prov_nuc > 0, 2, np.where(prov_cell > 0, 1, 0))
             n = len(centres)
+            live_columns = (
+                {"track_id": frame_spots.track_ids} if frame_spots.track_ids is not None else {}
+            )
             tables.append(
                 pl.DataFrame(
                     {
@@ -436,8 +470,9 @@ def synthesize(config: SynthConfig) -> SynthAcquisition:
                         "compartment": [COMPARTMENTS[k] for k in compartment],
                         "amplitude": frame_spots.amplitudes_adu * illum[idx],
                         "kind": [KINDS[k] for k in frame_spots.kinds],
+                        **live_columns,
                     },
-                    schema=SPOT_TABLE_SCHEMA,
+                    schema=table_schema,
                     strict=False,
                 )
             )
@@ -456,7 +491,7 @@ def synthesize(config: SynthConfig) -> SynthAcquisition:
     calibration: tuple[np.ndarray | None, ...] = (None, None, None)
     if c.calibration_images:
         calibration = make_calibration_images(c, illum, calib_rng)
-    spot_table = pl.concat(tables) if tables else pl.DataFrame(schema=SPOT_TABLE_SCHEMA)
+    spot_table = pl.concat(tables) if tables else pl.DataFrame(schema=table_schema)
     lineage_df = pl.DataFrame(
         {
             "label": list(lineage),

@@ -44,6 +44,7 @@ class Cell:
     age: int = 0
     label: int = 0  # track label once seen; 0 while never in view
     parent_label: int = 0
+    parent_uid: int = -1  # uid of the dividing parent (daughters only)
     is_daughter: bool = False  # born by division, not yet rendered
     divides: bool = False  # divides after the current frame (rendered as mitotic)
 
@@ -311,6 +312,7 @@ class Population:
             d.nucleus_brightness = parent.nucleus_brightness
             d.cytoplasm_brightness = parent.cytoplasm_brightness
             d.parent_label = parent.label
+            d.parent_uid = parent.uid
             d.is_daughter = True
             daughters.append(d)
         return daughters

@@ -7,7 +7,7 @@ with the ``nuclei``/``cells`` label at its rounded centre. No two spots of one
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,11 +27,13 @@ _TS_BRIGHTNESS = (3.0, 8.0)
 
 @dataclass(frozen=True)
 class FrameSpots:
-    """Spots of one ``(t, channel)``: ``(n, 3)`` zyx voxel centres, amplitudes, kinds."""
+    """Spots of one ``(t, channel)``: ``(n, 3)`` zyx voxel centres, amplitudes, kinds
+    (and, in live-RNA mode, ground-truth track ids)."""
 
     centres_vox: np.ndarray
     amplitudes_adu: np.ndarray
     kinds: np.ndarray  # (n,) int index into KINDS
+    track_ids: np.ndarray | None = None  # (n,) uint32, live-RNA mode only
 
 
 class _Sampler:
@@ -87,6 +89,51 @@ def _to_global(mask: np.ndarray, origin: np.ndarray, shape: tuple[int, ...]) -> 
     return np.ravel_multi_index(tuple(zyx.T), shape)
 
 
+def visible_cell_pools(
+    cells: Sequence[Cell],
+    boxes: Sequence[Box | None],
+    visible_fraction: np.ndarray,
+    cell_labels: np.ndarray,
+    nuclei: np.ndarray,
+) -> Iterator[tuple[int, Cell, np.ndarray, np.ndarray]]:
+    """``(i, cell, nucleus voxels, cytoplasm voxels)`` (flat indices) of each visible cell."""
+    for i, (cell, box) in enumerate(zip(cells, boxes, strict=True)):
+        if box is None or visible_fraction[i] <= 0:
+            continue
+        origin = np.array([b.start for b in box])
+        in_cell = cell_labels[box] == i + 1
+        in_nuc = nuclei[box] == i + 1
+        if not in_cell.any():
+            continue
+        shape = cell_labels.shape
+        yield (
+            i,
+            cell,
+            _to_global(in_nuc, origin, shape),
+            _to_global(in_cell & ~in_nuc, origin, shape),
+        )
+
+
+def nuclear_count(
+    rng: np.random.Generator, n: int, fraction: float, nuc_vox: np.ndarray, cyt_vox: np.ndarray
+) -> int:
+    """How many of ``n`` single molecules of a cell go to its nucleus (all without a
+    cytoplasm in view, none without a nucleus)."""
+    n_nuc = int(rng.binomial(n, fraction)) if nuc_vox.size else 0
+    return n if cyt_vox.size == 0 else n_nuc
+
+
+def lognormal_amplitudes(
+    rng: np.random.Generator, n: int, amplitude_adu: float, cv: float
+) -> np.ndarray:
+    """``n`` amplitudes, lognormal with mean ``amplitude_adu`` and coefficient of variation
+    ``cv`` (all equal, drawing nothing, when ``cv`` is 0)."""
+    if cv == 0:
+        return np.full(n, amplitude_adu)
+    sigma = np.sqrt(np.log1p(cv * cv))
+    return amplitude_adu * np.exp(rng.normal(-0.5 * sigma * sigma, sigma, n))
+
+
 def sample_spots(
     *,
     cells: Sequence[Cell],
@@ -117,24 +164,12 @@ def sample_spots(
     shape = cell_labels.shape
     vox = np.asarray(c.voxel_size_um)
     s = _Sampler(shape, rng)
-    cv = c.spot_amplitude_cv
 
     def amplitudes(n: int) -> np.ndarray:
-        if cv == 0:
-            return np.full(n, amplitude_adu)
-        sigma = np.sqrt(np.log1p(cv * cv))
-        return amplitude_adu * np.exp(rng.normal(-0.5 * sigma * sigma, sigma, n))
+        return lognormal_amplitudes(rng, n, amplitude_adu, c.spot_amplitude_cv)
 
-    for i, (cell, box) in enumerate(zip(cells, boxes, strict=True)):
-        if box is None or visible_fraction[i] <= 0:
-            continue
-        origin = np.array([b.start for b in box])
-        in_cell = cell_labels[box] == i + 1
-        in_nuc = nuclei[box] == i + 1
-        if not in_cell.any():
-            continue
-        nuc_vox = _to_global(in_nuc, origin, shape)
-        cyt_vox = _to_global(in_cell & ~in_nuc, origin, shape)
+    pools = visible_cell_pools(cells, boxes, visible_fraction, cell_labels, nuclei)
+    for i, cell, nuc_vox, cyt_vox in pools:
         # transcription sites first: they are few and must find room in the nucleus
         n_ts = int(cell.n_transcription_sites[channel]) if nuc_vox.size else 0
         picked = s.from_voxels(nuc_vox, n_ts)
@@ -143,9 +178,7 @@ def sample_spots(
 
         lam = c.spots_per_cell * float(cell.expression[channel]) * float(visible_fraction[i])
         n = int(rng.poisson(lam))
-        n_nuc = int(rng.binomial(n, c.nuclear_spot_fraction)) if nuc_vox.size else 0
-        if cyt_vox.size == 0:
-            n_nuc = n
+        n_nuc = nuclear_count(rng, n, c.nuclear_spot_fraction, nuc_vox, cyt_vox)
         for pool, k in ((nuc_vox, n_nuc), (cyt_vox, n - n_nuc)):
             picked = s.from_voxels(pool, k)
             s.add(s.jittered(picked), amplitudes(len(picked)), SINGLE)

@@ -17,6 +17,9 @@ Layout of ``out_dir``::
     calibration/beads.tif              (c, z, y, x) uint16 bead volume       } images
     manifest.json                      written last, atomically (see manifest.py)
 
+A live-RNA acquisition (``config.live_rna`` set) has a ``track_id`` column in
+``spots.csv`` and ``"live_rna": true`` in the manifest.
+
 The manifest lists the calibration images under ``"calibration"``:
 ``{"dark": "calibration/dark.tif", "flat": "calibration/flat.tif", "beads": ...}``.
 """
@@ -33,9 +36,9 @@ from cellrna_pipeline.core.errors import InputError
 from cellrna_pipeline.core.synth.config import SynthConfig
 from cellrna_pipeline.core.synth.generator import (
     LINEAGE_SCHEMA,
-    SPOT_TABLE_SCHEMA,
     SynthAcquisition,
     illumination_of,
+    spot_table_schema,
 )
 from cellrna_pipeline.core.synth.manifest import (
     MANIFEST_FORMAT,
@@ -198,8 +201,13 @@ def write_acquisition(acq: SynthAcquisition, out_dir: Path) -> Path:
         "channel_names": list(acq.channel_names),
         "timepoints": n_t,
         "frame_interval_s": acq.frame_interval_s,
-        "generator": acq.config.model_dump(mode="json"),
+        # the live-RNA settings only when set: static acquisitions keep their manifest bytes
+        "generator": acq.config.model_dump(
+            mode="json", exclude={"live_rna"} if acq.config.live_rna is None else None
+        ),
     }
+    if acq.config.live_rna is not None:
+        manifest["live_rna"] = True  # spots persist over frames: spot tracking applies
     if calibration:
         manifest["calibration"] = calibration
     write_manifest(out_dir, manifest)
@@ -238,7 +246,7 @@ def load_ground_truth(out_dir: Path, *, with_image: bool = True) -> SynthAcquisi
         for key, rel in (manifest.get("calibration") or {}).items()
         if key in CALIBRATION_FILES
     }
-    spot_table = pl.read_csv(gt / "spots.csv", schema=SPOT_TABLE_SCHEMA)
+    spot_table = pl.read_csv(gt / "spots.csv", schema=spot_table_schema(config))
     drift = pl.read_csv(gt / "drift.csv")
     return SynthAcquisition(
         image=tifffile.imread(out_dir / manifest["image"]) if with_image else None,

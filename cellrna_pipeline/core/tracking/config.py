@@ -43,6 +43,10 @@ class TrackingConfig(CheckedModel):
     shape_log_sigma : spread of ``ln(principal extent ratio)`` between frames; ``None``
         ignores shape.
     intensity_log_sigma : spread of ``ln(mean intensity ratio)``; ``None`` ignores intensity.
+    appearance_sigma : spread of the Euclidean distance between the unit appearance
+        embeddings (column ``embedding``) of one object in consecutive frames; ``None``
+        ignores appearance. The term is ``|e - e_last|^2 / appearance_sigma^2`` with
+        ``e_last`` the embedding of the track's last detection.
     max_link_cost : a link is made only if its cost is below this (the price of ending one
         track and starting another).
     max_gap_frames : missing frames that gap closing may bridge (0: no gap closing).
@@ -65,6 +69,7 @@ class TrackingConfig(CheckedModel):
     volume_log_sigma: float | None = None
     shape_log_sigma: float | None = 0.4
     intensity_log_sigma: float | None = None
+    appearance_sigma: float | None = None
     max_link_cost: float = 30.0
     max_gap_frames: int = 2
     gap_cost_per_frame: float = 4.0
@@ -93,6 +98,7 @@ def _check_ranges(c: TrackingConfig) -> None:
     positive("volume_log_sigma", c.volume_log_sigma, optional=True)
     positive("shape_log_sigma", c.shape_log_sigma, optional=True)
     positive("intensity_log_sigma", c.intensity_log_sigma, optional=True)
+    positive("appearance_sigma", c.appearance_sigma, optional=True)
     positive("max_link_cost", c.max_link_cost)
     if c.max_gap_frames < 0:
         raise InputError(f"max_gap_frames must be >= 0, got {c.max_gap_frames}")

@@ -62,6 +62,9 @@ _POSITION_SIGMA_PER_GATE = 1 / 36
 # Weight of the daughter-symmetry term when an object touches the border (cropped objects
 # are not alike even when the cells are).
 _BORDER_SYMMETRY_WEIGHT = 0.25
+# ... and dropped where the smaller daughter is cut and the larger holds less than this
+# share of the parent's volume (see _division_volume_cost).
+_CUT_DIVISION_MAX_SHARE = 0.7
 # Bounds of the adaptive scale of the motion noise (data faster than the prior: up to 16x).
 _MOTION_SCALE_RANGE = (0.5, 16.0)
 # Median of a chi-square variable with 2 and 3 degrees of freedom.
@@ -99,6 +102,7 @@ class _Detections:
     log_volume: np.ndarray  # (N,) NaN when unknown
     log_extent: np.ndarray  # (N, 3) NaN when unknown
     log_intensity: np.ndarray  # (N,) NaN when unknown
+    embedding: np.ndarray | None  # (N, k) unit vectors, None when there is no column
     border: np.ndarray  # (N,) bool
     starts: np.ndarray  # (n_frames + 1,) frame f is rows starts[f]:starts[f+1]
     ndim: int
@@ -150,6 +154,7 @@ def _prepare(detections: pl.DataFrame, n_frames: int | None) -> tuple[pl.DataFra
         else np.zeros(df.height, bool)
     )
     ndim = 2 if np.ptp(pos[:, 0]) == 0 else 3
+    embedding = _embedding(df)
     log_extent = _safe_log(extent)
     if ndim == 2:
         log_extent[:, 2] = np.nan  # the single plane's thickness says nothing
@@ -159,10 +164,28 @@ def _prepare(detections: pl.DataFrame, n_frames: int | None) -> tuple[pl.DataFra
         log_volume=_safe_log(_column(df, "volume_um3", np.nan)),
         log_extent=log_extent,
         log_intensity=_safe_log(_column(df, "mean_intensity", np.nan)),
+        embedding=embedding,
         border=border,
         starts=starts,
         ndim=ndim,
     )
+
+
+def _embedding(df: pl.DataFrame) -> np.ndarray | None:
+    """The ``embedding`` column as ``(N, k)`` float64 unit vectors (``None`` without it)."""
+    if "embedding" not in df.columns:
+        return None
+    column = df["embedding"]
+    if not isinstance(column.dtype, pl.Array | pl.List) or column.null_count():
+        raise InputError("detections column embedding must hold one float vector per row")
+    try:
+        emb = np.asarray(column.to_list(), dtype=np.float64)
+    except ValueError:
+        raise InputError("detections column embedding has vectors of different lengths") from None
+    if emb.ndim != 2 or not np.isfinite(emb).all():
+        raise InputError("detections column embedding must hold finite vectors of one length")
+    norm = np.linalg.norm(emb, axis=1, keepdims=True)
+    return emb / np.where(norm > 0, norm, 1.0)
 
 
 def _auto_gate(df: pl.DataFrame) -> float:
@@ -273,6 +296,9 @@ def track(
     use_intensity = config.intensity_log_sigma is not None and bool(
         np.isfinite(d.log_intensity).any()
     )
+    if config.appearance_sigma is not None and d.embedding is None:
+        raise InputError("appearance_sigma is set but the detections have no embedding column")
+    use_appearance = config.appearance_sigma is not None
     det_volume = np.exp(d.log_volume)
 
     tracks = _Tracks(n_det)
@@ -334,6 +360,9 @@ def track(
         if use_intensity:
             di = d.log_intensity[jd] - d.log_intensity[ld]
             base += np.where(np.isfinite(di), di, 0.0) ** 2 / config.intensity_log_sigma**2  # type: ignore[operator]
+        if use_appearance:
+            de = d.embedding[jd] - d.embedding[ld]  # type: ignore[index]
+            base += (de**2).sum(axis=1) / config.appearance_sigma**2  # type: ignore[operator]
 
         # Solve. With drift estimation, the predictions are first shifted by the median
         # displacement of each track's nearest candidate (robust while the stage moves
@@ -494,14 +523,12 @@ def _divisions(
                 cost = float(((mid - pred_pos[sl]) ** 2).sum() / s_mid)
                 v1, v2 = det_volume[dets[d1]], det_volume[dets[d2]]
                 if np.isfinite(pv) and np.isfinite(v1) and np.isfinite(v2):
-                    # Objects cut by the image border are not alike even when the cells
-                    # are: the symmetry term is down-weighted there.
-                    at_border = bool(
-                        d.border[tracks.last_det[p]] or d.border[dets[d1]] or d.border[dets[d2]]
+                    border = (
+                        bool(d.border[tracks.last_det[p]]),
+                        bool(d.border[dets[d1]]),
+                        bool(d.border[dets[d2]]),
                     )
-                    w = _BORDER_SYMMETRY_WEIGHT if at_border else 1.0
-                    cost += float(np.log((v1 + v2) / pv) ** 2 / sigma**2)
-                    cost += w * float(np.log(v1 / v2) ** 2 / (2 * sigma) ** 2)
+                    cost += _division_volume_cost(pv, v1, v2, border, sigma)
                 if cost < config.division_max_cost:
                     options.append((cost, p, d1, d2))
     used_p: set[int] = set()
@@ -516,6 +543,30 @@ def _divisions(
             succ[p] = -1
         new_parent[[d1, d2]] = p
         tracks.alive[p] = False
+
+
+def _division_volume_cost(
+    pv: float, v1: float, v2: float, border: tuple[bool, bool, bool], sigma: float
+) -> float:
+    """Volume terms of a division: the daughters' volumes sum to the parent's
+    (``ln((v1 + v2) / pv)``, spread ``sigma``) and are alike (``ln(v1 / v2)``, spread
+    ``2 sigma``). ``border``: parent, daughter 1, daughter 2 touch the image border.
+
+    Objects cut by the border are not alike even when the cells are: the symmetry term
+    is down-weighted there, and dropped when the smaller daughter is cut while the larger
+    one holds clearly less than the parent (a division with one daughter mostly out of
+    view, unlike a sliver entering next to a cell that carries on at full volume).
+    """
+    (bp, b1, b2), (small, large) = border, sorted((v1, v2))
+    small_cut = b1 if v1 <= v2 else b2
+    if small_cut and large < _CUT_DIVISION_MAX_SHARE * pv:
+        weight = 0.0
+    elif bp or b1 or b2:
+        weight = _BORDER_SYMMETRY_WEIGHT
+    else:
+        weight = 1.0
+    total = np.log((v1 + v2) / pv) ** 2 / sigma**2
+    return float(total + weight * np.log(large / small) ** 2 / (2 * sigma) ** 2)
 
 
 def _result(

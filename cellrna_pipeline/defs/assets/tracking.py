@@ -1,4 +1,5 @@
-"""``cell_tracks`` [experiment]: cell tracks with lineage from every timepoint's ``cells`` labels.
+"""``cell_tracks`` [experiment]: cell tracks with lineage from every timepoint's ``cells`` labels;
+``spot_tracks`` [experiment]: RNA spot tracks of live-RNA experiments.
 
 Reads the label image ``cells`` of ``processed/<experiment>.ome.zarr`` (written per
 volume by ``cell_masks``) for every timepoint, tracks with
@@ -15,9 +16,19 @@ volume by ``cell_masks``) for every timepoint, tracks with
 
 Checks: ``check_cell_tracks_no_jump_beyond_gate`` and
 ``check_cell_tracks_divisions_two_daughters``.
+
+``spot_tracks`` reads every timepoint's spot table (``rna_spots``) and, for the appearance
+embedding, the RNA channels of the processed image; it tracks each RNA channel with
+:func:`cellrna_pipeline.core.tracking.track_spots` and writes
+``tables/spot_tracks/<experiment>/spot_tracks.parquet`` (``experiment, track_id, t, z, y,
+x, channel, z_um, y_um, x_um, spot_id, intensity``; settings in the schema metadata).
+It runs only for experiments registered as live-RNA (``live_rna`` in the experiment
+record; run config ``force`` overrides); otherwise it is skipped (not materialized).
+Checks: ``check_spot_tracks_no_jump_beyond_gate``, ``check_spot_tracks_every_spot_once``.
 """
 
 import json
+import os
 import time
 
 import numpy as np
@@ -37,6 +48,7 @@ from dagster import (
 )
 
 from cellrna_pipeline.core.errors import InputError
+from cellrna_pipeline.core.experiment import load_experiment
 from cellrna_pipeline.core.io import (
     atomic_path,
     create_labels,
@@ -50,19 +62,25 @@ from cellrna_pipeline.core.io import (
 from cellrna_pipeline.core.io.ctc import write_ctc_result
 from cellrna_pipeline.core.paths import DataRoot
 from cellrna_pipeline.core.tracking import (
+    LINEAGE_SCHEMA,
+    SPOT_APPEARANCE_SIGMA,
     TrackingConfig,
     ctc_tracks,
     division_problems,
     relabel_frame,
+    spot_tracking_config,
     track_jumps,
     track_labels,
+    track_spots,
     tracks_table,
 )
+from cellrna_pipeline.defs.assets.spots import spots_table_path
 from cellrna_pipeline.defs.partitions import experiments_partitions
 from cellrna_pipeline.defs.resources import DataRootResource
 
 TRACKS_TABLE = "tracks"
 LINEAGE_TABLE = "lineage"
+SPOT_TRACKS_TABLE = "spot_tracks"
 METADATA_KEY = b"cellrna.tracking"
 
 
@@ -267,3 +285,191 @@ def check_cell_tracks_divisions_two_daughters(
 
 
 CHECKS = [check_cell_tracks_no_jump_beyond_gate, check_cell_tracks_divisions_two_daughters]
+
+
+# ---------------------------------------------------------------------- spot tracks
+
+
+class SpotTracksConfig(Config):
+    """Run config of ``spot_tracks`` (see ``TrackingConfig`` / ``spot_tracking_config``).
+
+    ``max_displacement_um``: the gate (um per frame). ``use_intensity``: the spots'
+    intensity as a cue. ``use_embedding``: the learnt appearance embedding (the shipped
+    ``model_registry/spot-embedding``, or ``embedding_model``, a model folder).
+    ``force``: track even if the experiment is not registered as live-RNA.
+    """
+
+    max_displacement_um: float = 1.5
+    max_gap_frames: int = 2
+    use_intensity: bool = True
+    use_embedding: bool = True
+    embedding_model: str | None = None
+    force: bool = False
+
+
+def spot_tracks_path(root: DataRoot, experiment: str):
+    return root.tables(SPOT_TRACKS_TABLE, experiment) / "spot_tracks.parquet"
+
+
+def _read_spot_tables(root: DataRoot, experiment: str, n_frames: int) -> pl.DataFrame:
+    resource = DataRootResource(home=str(root.home))
+    paths = [spots_table_path(resource, experiment, t) for t in range(n_frames)]
+    missing = [t for t, p in enumerate(paths) if not p.exists()]
+    if missing:
+        raise InputError(
+            f"{experiment}: rna_spots missing for timepoint(s) {missing[:10]}; "
+            "materialize them first"
+        )
+    return pl.concat([pl.read_parquet(p) for p in paths], how="vertical_relaxed")
+
+
+def _with_embeddings(spots: pl.DataFrame, path, meta, embedder, n_frames: int) -> pl.DataFrame:
+    """Add each spot's appearance embedding, from its channel of the processed image."""
+    parts = []
+    for t in range(n_frames):
+        rows = spots.filter(pl.col("timepoint") == t)
+        if rows.height == 0:
+            continue
+        volume = read_timepoint(path, t)
+        for channel in rows["channel"].unique(maintain_order=True).to_list():
+            sub = rows.filter(pl.col("channel") == channel)
+            vectors = embedder.embed(
+                volume[meta.channel_index(channel)], sub.select("z", "y", "x").to_numpy()
+            )
+            parts.append(sub.with_columns(pl.Series("embedding", vectors)))
+    return pl.concat(parts)
+
+
+@asset(
+    partitions_def=experiments_partitions,
+    group_name="tracking",
+    kinds={"parquet"},
+    deps=[AssetDep(AssetKey("rna_spots"), partition_mapping=AllPartitionMapping())],
+    output_required=False,
+    description="RNA spot tracks of a live-RNA experiment (spots that persist over frames): "
+    "tables/spot_tracks/<experiment>/spot_tracks.parquet (track_id, t, z, y, x, channel, ...). "
+    "Skipped for experiments not registered as live-RNA.",
+)
+def spot_tracks(
+    context: AssetExecutionContext, config: SpotTracksConfig, data_root: DataRootResource
+):
+    experiment = context.partition_key
+    root = data_root.root
+    record = load_experiment(root, experiment)
+    if not (record.live_rna or config.force):
+        context.log.info(
+            f"{experiment} is not a live-RNA experiment: no spot tracking (ingest with "
+            "--live-rna, or run with force: true)"
+        )
+        return
+    start = time.perf_counter()
+    path = root.processed(experiment)
+    meta = read_image_meta(path)
+    n_frames = meta.n_timepoints
+    spots = _read_spot_tables(root, experiment, n_frames)
+    if spots.height == 0:
+        raise InputError(f"{experiment}: no RNA spots in any timepoint; nothing to track")
+    tracking_config = spot_tracking_config(
+        max_displacement_um=config.max_displacement_um,
+        max_gap_frames=config.max_gap_frames,
+        intensity_log_sigma=spot_tracking_config().intensity_log_sigma
+        if config.use_intensity
+        else None,
+    )
+    model = None
+    if config.use_embedding:
+        from cellrna_pipeline.core.device import configure_cpu_threads
+        from cellrna_pipeline.core.tracking import load_spot_embedder
+
+        embedder = load_spot_embedder(config.embedding_model, device="cpu")
+        configure_cpu_threads(min(2, len(os.sched_getaffinity(0))))
+        spots = _with_embeddings(spots, path, meta, embedder, n_frames)
+        tracking_config = tracking_config.model_copy(
+            update={"appearance_sigma": SPOT_APPEARANCE_SIGMA}
+        )
+        model = str(config.embedding_model or "model_registry/spot-embedding")
+    tracks = track_spots(spots, config=tracking_config, n_frames=n_frames).drop(
+        "embedding", strict=False
+    )
+    table = tracks.select(pl.lit(experiment).alias("experiment"), pl.all())
+    provenance = {
+        "config": tracking_config.model_dump(mode="json"),
+        "max_displacement_um": config.max_displacement_um,
+        "embedding_model": model,
+        "voxel_size_um": list(meta.voxel_size.as_tuple()),
+        "n_frames": n_frames,
+    }
+    _write_parquet(table, spot_tracks_path(root, experiment), provenance)
+    lengths = tracks.group_by("track_id").len()["len"]
+    per_channel = dict(tracks.group_by("channel").agg(pl.col("track_id").n_unique()).rows())
+    yield MaterializeResult(
+        metadata={
+            "table": MetadataValue.path(str(spot_tracks_path(root, experiment))),
+            "n_timepoints": n_frames,
+            "n_spots": tracks.height,
+            "n_tracks": int(tracks["track_id"].n_unique()),
+            "tracks_per_channel": str(per_channel),
+            "mean_track_length_frames": round(float(lengths.mean() or 0.0), 2),  # type: ignore[arg-type]
+            "embedding": model or "none",
+            "seconds": round(time.perf_counter() - start, 3),
+        }
+    )
+
+
+def evaluate_spot_jumps(root: DataRoot, experiment: str) -> AssetCheckResult:
+    """The jump check on the stored spot tracks of one experiment."""
+    path = spot_tracks_path(root, experiment)
+    tracks = pl.read_parquet(path)
+    gate = float(read_tracking_metadata(path)["max_displacement_um"])
+    no_parents = pl.DataFrame(schema=LINEAGE_SCHEMA)
+    jumps = track_jumps(tracks, no_parents, max_displacement_um=gate)
+    return AssetCheckResult(
+        passed=jumps.height == 0,
+        metadata={"gate_um_per_frame": gate, "n_jumps": jumps.height},
+    )
+
+
+def evaluate_spot_coverage(root: DataRoot, experiment: str) -> AssetCheckResult:
+    """Every spot of the spot tables is in exactly one track, once."""
+    path = spot_tracks_path(root, experiment)
+    tracks = pl.read_parquet(path)
+    n_frames = int(read_tracking_metadata(path)["n_frames"])
+    spots = _read_spot_tables(root, experiment, n_frames)
+    keys = ["channel", "t", "spot_id"]
+    stored = tracks.select(keys)
+    expected = spots.select("channel", pl.col("timepoint").cast(pl.Int32).alias("t"), "spot_id")
+    duplicated = stored.height - stored.unique().height
+    missing = expected.join(stored, on=keys, how="anti").height
+    extra = stored.join(expected, on=keys, how="anti").height
+    return AssetCheckResult(
+        passed=duplicated == 0 and missing == 0 and extra == 0,
+        metadata={
+            "spots": expected.height,
+            "duplicated": duplicated,
+            "missing": missing,
+            "extra": extra,
+        },
+    )
+
+
+@asset_check(
+    asset=spot_tracks,
+    description="No spot track moves farther than the gate (max_displacement_um per frame elapsed).",
+)
+def check_spot_tracks_no_jump_beyond_gate(
+    context: AssetCheckExecutionContext, data_root: DataRootResource
+) -> AssetCheckResult:
+    return evaluate_spot_jumps(data_root.root, context.partition_key)
+
+
+@asset_check(
+    asset=spot_tracks,
+    description="Every spot of the rna_spots tables is in exactly one spot track.",
+)
+def check_spot_tracks_every_spot_once(
+    context: AssetCheckExecutionContext, data_root: DataRootResource
+) -> AssetCheckResult:
+    return evaluate_spot_coverage(data_root.root, context.partition_key)
+
+
+SPOT_CHECKS = [check_spot_tracks_no_jump_beyond_gate, check_spot_tracks_every_spot_once]
