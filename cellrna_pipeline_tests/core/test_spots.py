@@ -122,9 +122,53 @@ def test_chunked_and_lazy_runs_equal_single_block_in_a_dense_image():
     chunks = SpotDetectionConfig(chunk_shape_zyx=(8, 48, 48))
     lazy = detect_spots(da.from_array(img, chunks=(8, 48, 48)), voxel_size=VS, config=chunks)
     chunked = detect_spots(img, voxel_size=VS, config=chunks)
+    # a file reader that only slices (the CLI's loader): windows read tile by tile
+    sliced = detect_spots(_SliceOnly(img), voxel_size=VS, config=chunks)
     assert whole.table.height > 100 and whole.n_split > 0
     assert lazy.table.equals(whole.table)
     assert chunked.table.equals(whole.table)
+    assert sliced.table.equals(whole.table)
+
+
+class _SliceOnly:
+    """An array that supports only basic slicing (like a lazy file reader)."""
+
+    def __init__(self, arr):
+        self.arr, self.shape, self.dtype, self.ndim = arr, arr.shape, arr.dtype, arr.ndim
+
+    def __getitem__(self, key):
+        assert all(isinstance(k, slice) for k in key)
+        return self.arr[key].copy()
+
+
+def test_batches_give_the_same_clusters_fits_and_masks(monkeypatch):
+    from cellrna_pipeline.core.spots import decompose, fit, labels
+
+    rng = np.random.default_rng(2)
+    centres = np.vstack(
+        [np.array([6.0, y, x]) + rng.normal(0, [0.4, 1.7, 1.7], (8, 3)) for y, x in CLUSTERS]
+    )
+    img = _render((12, 64, 64), centres, [120.0] * len(centres))
+    whole = detect_spots(img, voxel_size=VS)
+    monkeypatch.setattr(decompose, "_BATCH_BLOBS", 2)
+    monkeypatch.setattr(labels, "_BATCH", 5)
+    monkeypatch.setattr(fit, "_SPLIT_BATCH", 3)
+    monkeypatch.setattr(fit, "_WINDOW_BATCH", 4)
+    batched = detect_spots(img, voxel_size=VS)
+    assert whole.n_clusters >= 2 and whole.n_split >= 2
+    assert batched.table.equals(whole.table)
+
+
+CLUSTERS = [(16.0, 16.0), (16.0, 48.0), (48.0, 16.0), (48.0, 48.0)]
+
+
+def test_noise_sample_lattice_is_capped():
+    from cellrna_pipeline.core.spots._candidates import NOISE_SAMPLE_MAX, noise_strides
+
+    assert noise_strides((32, 256, 256)) == (1, 4, 4)
+    strides = noise_strides((256, 2048, 2048))
+    counts = [-(-n // s) for n, s in zip((256, 2048, 2048), strides, strict=True)]
+    assert NOISE_SAMPLE_MAX // 2 < np.prod(counts) <= NOISE_SAMPLE_MAX
 
 
 @pytest.mark.parametrize("separation", [1.0, 1.2, 2.4])

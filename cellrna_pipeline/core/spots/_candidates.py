@@ -14,7 +14,8 @@ import numpy as np
 from scipy import ndimage as ndi
 
 GAUSS_TRUNCATE = 3.0
-NOISE_STRIDE_YX = 4  # noise sample: every voxel with y % 4 == 0 and x % 4 == 0
+NOISE_STRIDE_YX = 4  # noise sample: every voxel with y % 4 == 0 and x % 4 == 0 ...
+NOISE_SAMPLE_MAX = 4_000_000  # ... thinned (see noise_strides) to at most this many values
 
 
 @dataclass(frozen=True)
@@ -214,7 +215,8 @@ class BlockCandidates:
     peak_offset : ``(n, 3)`` float32 sub-voxel offset (parabola through the neighbours
         in the peak-finding band-pass).
     peak_value : ``(n,)`` float32 thresholding band-pass value at the maximum (> 0).
-    noise_sample : float32 band-pass values on a fixed lattice (for the noise level).
+    noise_sample : float32 band-pass values on a fixed lattice (:func:`noise_strides`),
+        for the noise level.
     """
 
     peak_zyx: np.ndarray
@@ -273,6 +275,19 @@ def _extrema(
     return zyx, values, neighbours
 
 
+def noise_strides(shape: tuple[int, ...]) -> tuple[int, int, int]:
+    """Strides ``(z, y, x)`` of the noise-sample lattice of a volume of ``shape``: every
+    ``NOISE_STRIDE_YX``-th voxel in y and x, and the axis with the most lattice points
+    halved until there are at most ``NOISE_SAMPLE_MAX`` (a fixed, chunk-independent
+    lattice: chunks and a single block draw the same sample)."""
+    strides = [1, NOISE_STRIDE_YX, NOISE_STRIDE_YX]
+    while True:
+        counts = [-(-int(n) // s) for n, s in zip(shape, strides, strict=True)]
+        if int(np.prod(counts)) <= NOISE_SAMPLE_MAX:
+            return strides[0], strides[1], strides[2]
+        strides[int(np.argmax(counts))] *= 2
+
+
 def robust_std(sample: np.ndarray) -> float:
     """1.4826 x the median absolute deviation (the std of Gaussian noise); the plain std
     when that is 0; 0 for an empty or constant sample."""
@@ -290,6 +305,7 @@ def block_candidates(
     filters: Filters,
     suppression: list[tuple[int, int, int]] | None = None,
     gate_sigma: float | None = None,
+    strides: tuple[int, int, int] = (1, NOISE_STRIDE_YX, NOISE_STRIDE_YX),
 ) -> BlockCandidates:
     """Band-pass ``block`` and return the extrema of its ``core``.
 
@@ -301,13 +317,14 @@ def block_candidates(
     filters : filter sizes.
     suppression : extra offsets a maximum must beat (non-maximum suppression).
     gate_sigma : report only extrema above this many noise sigmas of the block's own
-        noise sample (for a block that is the whole image); ``None``: all above 0.
+        noise sample; ``None``: all above 0.
+    strides : of the global noise-sample lattice (:func:`noise_strides`).
     """
     peak_band, band = filters.bandpass_pair(block)
     sample_core = band[core]
-    oy = (-(origin[1] + core[1].start)) % NOISE_STRIDE_YX
-    ox = (-(origin[2] + core[2].start)) % NOISE_STRIDE_YX
-    sample = sample_core[:, oy::NOISE_STRIDE_YX, ox::NOISE_STRIDE_YX].ravel()
+    first = [(-(o + c.start)) % s for o, c, s in zip(origin, core, strides, strict=True)]
+    lattice = tuple(slice(f, None, s) for f, s in zip(first, strides, strict=True))
+    sample = sample_core[lattice].ravel()
     level = 0.0 if gate_sigma is None else gate_sigma * robust_std(sample)
     padded = np.pad(peak_band, 1, mode="constant", constant_values=-np.inf)
     core_p = tuple(slice(s.start + 1, s.stop + 1) for s in core)

@@ -32,6 +32,8 @@ _MASS_RADIUS = 4.0  # a cluster's spots are looked for within this many sigmas
 _STOP_LEVEL = 0.5
 _HALF_SIGMAS = 5.0  # window: +-(5 sigma + 1) around the peak ...
 _MARGIN_SIGMAS = 3.0  # ... read with a margin of 3 sigma for the smoothing
+_BATCH_BLOBS = 256  # blobs processed together (memory: their windows)
+_PAD_VOXELS = 8_000_000  # in-memory images up to this size are mirrored whole, once
 
 
 @dataclass(frozen=True)
@@ -140,9 +142,40 @@ def decompose_blobs(
     reference_extent : :func:`point_extent` for ``sigma_vox``.
     extent_ratio : clusters are blobs whose extent exceeds the reference by this factor.
     """
-    shape = tuple(int(s) for s in vol.shape)
-    sigma = np.asarray(sigma_vox, dtype=np.float64)
     peaks = np.asarray(peaks_zyx, dtype=np.int64).reshape(-1, 3)
+    args = (sigma_vox, reference_amplitude, reference_extent, extent_ratio)
+    # batches of neighbouring blobs (a lazy volume is read where they are), in position order
+    order = np.lexsort(peaks.T[::-1])
+    parts = [
+        _decompose_batch(vol, peaks[order[i : i + _BATCH_BLOBS]], *args)
+        for i in range(0, max(len(peaks), 1), _BATCH_BLOBS)
+    ]
+    first = np.cumsum([0] + [len(p.extent) for p in parts[:-1]])
+    blob = order[np.concatenate([p.spot_blob + f for p, f in zip(parts, first, strict=True)])]
+    by_blob = np.argsort(blob, kind="stable")  # spots grouped by blob, in blob order
+    back = np.argsort(order)
+    return Blobs(
+        np.concatenate([p.extent for p in parts])[back],
+        np.concatenate([p.spots_zyx for p in parts])[by_blob],
+        blob[by_blob],
+        np.concatenate([p.amplitudes for p in parts])[by_blob],
+        np.concatenate([p._mass for p in parts])[back],
+        np.concatenate([p._origin for p in parts])[back],
+        parts[0]._shape,
+    )
+
+
+def _decompose_batch(
+    vol: Any,
+    peaks: np.ndarray,
+    sigma_vox: tuple[float, float, float],
+    reference_amplitude: float,
+    reference_extent: float,
+    extent_ratio: float,
+) -> Blobs:
+    """:func:`decompose_blobs` for one batch of blobs (their windows stacked)."""
+    shape: tuple[int, int, int] = tuple(int(s) for s in vol.shape)  # type: ignore[assignment]
+    sigma = np.asarray(sigma_vox, dtype=np.float64)
     nb = len(peaks)
     half = _grid(sigma, _HALF_SIGMAS, 1)
     margin = np.array([0 if s == 0 else int(np.ceil(_MARGIN_SIGMAS * s)) for s in sigma])
@@ -157,7 +190,7 @@ def decompose_blobs(
         sh[a + 1] = size[a]
         inside = inside & ((v >= 0) & (v < shape[a])).reshape(sh)
         idx.append(np.broadcast_to(_reflect(v, shape[a]).reshape(sh), (nb, *size)))
-    if isinstance(vol, np.ndarray):
+    if type(vol) is np.ndarray and vol.size <= _PAD_VOXELS:
         # in memory: windows of the volume mirrored once at its faces (as _reflect does)
         padded = np.pad(vol, [(int(r), int(r)) for r in reach], mode="symmetric")
         windows = np.lib.stride_tricks.sliding_window_view(padded, size)
@@ -196,7 +229,7 @@ def decompose_blobs(
     mass_region = np.zeros((nb, *kshape), dtype=bool)
     empty = Blobs(
         extent, np.zeros((0, 3)), np.zeros(0, np.int64), np.zeros(0), mass_region, origin, shape
-    )  # type: ignore[arg-type]
+    )
     if not cluster.any():
         return empty
     ci = np.flatnonzero(cluster)
@@ -215,7 +248,7 @@ def decompose_blobs(
     if not len(spots):
         return Blobs(
             extent, np.zeros((0, 3)), np.zeros(0, np.int64), np.zeros(0), mass_region, origin, shape
-        )  # type: ignore[arg-type]
+        )
     blob = ci[owner]
     counts = np.bincount(owner, minlength=len(ci))
     amps = flux[owner] / unit_mass / counts[owner]

@@ -15,7 +15,7 @@ Steps (see ``docs/spots.md``):
    floor is: low threshold).
 5. Blobs wider than one spot are split into the spots they hold (:mod:`.decompose`).
 
-Steps 1-2 run per chunk through ``dask.array.map_overlap`` with a halo that covers every
+Steps 1-2 run per chunk (dask tasks, each reading its chunk) with a halo that covers every
 filter, so a chunked run gives exactly the result of a single-block run; steps 3-5 work on
 the (small) candidate lists and on small windows read from the image, so memory stays
 bounded by the chunk size.
@@ -23,7 +23,10 @@ bounded by the chunk size.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import functools
+import itertools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -38,6 +41,7 @@ from cellrna_pipeline.core.spots._candidates import (
     BlockCandidates,
     Filters,
     block_candidates,
+    noise_strides,
     robust_std,
     suppression_offsets,
 )
@@ -72,7 +76,11 @@ _PEAK_SMOOTHING = 0.6  # sharper Gaussian whose maxima locate spots (resolves cl
 _NMS_RADIUS = 1.0  # a peak must be the highest within this many spot sigmas
 _CROWD_RADIUS = 8.0  # faint peaks with _CROWD_COUNT spots within this many sigmas ...
 _CROWD_COUNT = 6  # ... are kept (see _add_crowded)
-_AUTO_CHUNK_VOXELS = 16_000_000
+_AUTO_CHUNK_VOXELS = 4_194_304  # ~50 B of work per voxel: ~250 MB per chunk (and thread)
+# A chunk keeps only the maxima above this share of the lowest threshold, in its own noise
+# sigmas (memory: most maxima are noise). Chunked runs equal a single block unless a
+# chunk's noise exceeds the image's by 1 / _CHUNK_FLOOR.
+_CHUNK_FLOOR = 0.6
 _AUTO_CHUNK_YX = 256
 
 
@@ -163,12 +171,21 @@ def _auto_threshold(z: np.ndarray, cfg: SpotDetectionConfig) -> float:
     return cfg.faint_threshold_sigma + f * (cfg.bright_threshold_sigma - cfg.faint_threshold_sigma)
 
 
+def _release_freed_memory() -> None:
+    """Give freed heap memory back to the system: glibc keeps what the band-pass threads
+    freed in their arenas, which would count as the process's memory for the rest of
+    the run. A no-op where there is no glibc."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
 def _chunks(shape: tuple[int, int, int], cfg: SpotDetectionConfig) -> tuple[int, int, int]:
     if cfg.chunk_shape_zyx is not None:
         return tuple(min(c, s) for c, s in zip(cfg.chunk_shape_zyx, shape, strict=True))  # type: ignore[return-value]
     if math.prod(shape) <= _AUTO_CHUNK_VOXELS:
         return shape
-    return (shape[0], min(shape[1], _AUTO_CHUNK_YX), min(shape[2], _AUTO_CHUNK_YX))
+    yx = (min(shape[1], _AUTO_CHUNK_YX), min(shape[2], _AUTO_CHUNK_YX))
+    return (min(shape[0], max(1, _AUTO_CHUNK_VOXELS // math.prod(yx))), *yx)
 
 
 def _candidates(
@@ -177,61 +194,73 @@ def _candidates(
     suppression: list[tuple[int, int, int]],
     chunks: tuple[int, int, int],
     gate_sigma: float,
-) -> BlockCandidates:
-    """Candidates of the whole image, one block or chunk by chunk. A single block knows
-    the image's noise, so it reports only maxima above ``gate_sigma`` (the lowest
-    threshold any later step uses); chunks report all (the result is the same)."""
+) -> tuple[BlockCandidates, float]:
+    """Candidates of the whole image above ``gate_sigma`` (the lowest threshold any
+    later step uses) noise sigmas, and the noise sigma, one block or chunk by chunk.
+
+    A single block knows the image's noise; a chunk keeps the maxima above
+    ``_CHUNK_FLOOR x gate_sigma`` of its own noise (so that memory does not grow with
+    all the maxima of the volume) and the gate is applied once the image's noise is
+    known (the result is the same)."""
     shape = tuple(int(s) for s in image.shape)
+    strides = noise_strides(shape)
     if chunks == shape:
         block = np.asarray(image[:])
         _check_finite(block)
         core = tuple(slice(0, s) for s in shape)
-        return block_candidates(block, core, (0, 0, 0), filters, suppression, gate_sigma)  # type: ignore[arg-type]
+        cand = block_candidates(
+            block,
+            core,  # type: ignore[arg-type]
+            (0, 0, 0),
+            filters,
+            suppression,
+            gate_sigma,
+            strides,
+        )
+        return cand, robust_std(cand.noise_sample)
 
-    import dask.array as da
+    import dask
 
     reach = [max([abs(o[a]) for o in suppression] + [1]) for a in range(3)]
-    depth = tuple(
-        min(d + r, s - 1) if s > 1 else 0
-        for d, r, s in zip(filters.halo_depth(), reach, shape, strict=True)
-    )
-    arr = image if isinstance(image, da.Array) else da.from_array(image, chunks=chunks)
-    arr = arr.rechunk(chunks)
-    starts = [np.cumsum((0, *c[:-1])) for c in arr.chunks]
+    depth = [d + r for d, r in zip(filters.halo_depth(), reach, strict=True)]
 
-    def run(block: np.ndarray, block_info: dict | None = None) -> np.ndarray:
-        assert block_info is not None
-        loc = block_info[0]["chunk-location"]
-        core, origin = [], []
-        for a in range(3):
-            # boundary="none": no halo on the sides that are the volume's edges
-            left = depth[a] if loc[a] > 0 else 0
-            core.append(slice(left, left + arr.chunks[a][loc[a]]))
-            origin.append(int(starts[a][loc[a]]) - left)
+    def run(start: tuple[int, ...]) -> BlockCandidates:
+        stop = [min(b + c, s) for b, c, s in zip(start, chunks, shape, strict=True)]
+        # the chunk and its halo (none beyond the volume's faces)
+        lo = [max(0, b - d) for b, d in zip(start, depth, strict=True)]
+        hi = [min(s, e + d) for e, d, s in zip(stop, depth, shape, strict=True)]
+        block = image[tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))]
+        block = block.compute(scheduler="sync") if hasattr(block, "compute") else block
+        block = np.asarray(block)
         _check_finite(block)
-        out = np.empty((1, 1, 1), dtype=object)
-        out[0, 0, 0] = block_candidates(block, tuple(core), tuple(origin), filters, suppression)  # type: ignore[arg-type]
-        return out
+        core = tuple(slice(b - a, e - a) for a, b, e in zip(lo, start, stop, strict=True))
+        return block_candidates(
+            block,
+            core,  # type: ignore[arg-type]
+            tuple(lo),  # type: ignore[arg-type]
+            filters,
+            suppression,
+            _CHUNK_FLOOR * gate_sigma,
+            strides,
+        )
 
-    res = da.map_overlap(
-        run,
-        arr,
-        depth=depth,
-        boundary="none",
-        trim=False,
-        dtype=object,
-        chunks=(1, 1, 1),
-        meta=np.empty((0, 0, 0), dtype=object),
+    # One task per chunk, each reading its own region: no task waits for another, so
+    # memory is bounded by the chunks in flight (one per worker thread). The scheduler is
+    # the caller's: local threads by default, or a dask.distributed cluster when one is
+    # active (see integrations/dask.py).
+    np.asarray(image[0:1, 0:1, 0:1])  # a lazy reader sets itself up here, not in threads
+    task = dask.delayed(run, pure=False, name=f"spot-candidates-{id(image)}")
+    starts = itertools.product(*(range(0, s, c) for s, c in zip(shape, chunks, strict=True)))
+    parts = list(dask.compute(*[task(st) for st in starts]))
+    noise = robust_std(np.concatenate([p.noise_sample for p in parts]))
+    keep = [p.peak_value > gate_sigma * noise for p in parts]
+    cand = BlockCandidates(
+        peak_zyx=np.concatenate([p.peak_zyx[k] for p, k in zip(parts, keep, strict=True)]),
+        peak_offset=np.concatenate([p.peak_offset[k] for p, k in zip(parts, keep, strict=True)]),
+        peak_value=np.concatenate([p.peak_value[k] for p, k in zip(parts, keep, strict=True)]),
+        noise_sample=np.zeros(0, np.float32),
     )
-    # The scheduler is the caller's: local threads by default, or a dask.distributed
-    # cluster when one is active (see integrations/dask.py).
-    parts = list(np.asarray(res.compute()).ravel())
-    return BlockCandidates(
-        peak_zyx=np.concatenate([p.peak_zyx for p in parts]),
-        peak_offset=np.concatenate([p.peak_offset for p in parts]),
-        peak_value=np.concatenate([p.peak_value for p in parts]),
-        noise_sample=np.concatenate([p.noise_sample for p in parts]),
-    )
+    return cand, noise
 
 
 def detect_spots(
@@ -276,9 +305,8 @@ def detect_spots(
         lowest = cfg.threshold_sigma
     else:
         lowest = min(cfg.faint_threshold_sigma, cfg.bright_threshold_sigma, _LOW_SIGMA)
-    cand = _candidates(vol, filters, suppression, chunks, 0.999 * lowest)
-
-    noise = robust_std(cand.noise_sample)
+    cand, noise = _candidates(vol, filters, suppression, chunks, 0.999 * lowest)
+    _release_freed_memory()
     if not noise > 0:  # a constant image
         empty = pl.DataFrame(schema=DETECTION_SCHEMA)
         return SpotDetection(empty, float("inf"), 0.0, float("nan"), 0, sigma)

@@ -45,6 +45,10 @@ _LM_HOPELESS_AFTER = 3
 _DAMPING = 0.1  # Gauss-Newton steps of the refinement: Marquardt damping
 _EPS = 1e-9
 _DENSE_POOL_VOXELS = 8_000_000  # in-memory images up to this size are used whole
+_NOISE_MODEL_VOXELS = 4_000_000  # the noise model reads at most about this many voxels
+_SPLIT_BATCH = 8192
+_WINDOW_BATCH = 16384  # spots whose windows are looked up (and read) together  # windows fitted together by the split test (memory)
+_GATHER_TILE = (32, 128, 2048)  # lazy slice-only arrays are read one such box at a time
 
 
 @dataclass(frozen=True)
@@ -97,15 +101,31 @@ def gather(vol: Any, zyx: np.ndarray) -> np.ndarray:
     """Values of ``vol`` at the integer voxels ``zyx`` ``(m, 3)``, as float64 ``(m,)``.
 
     numpy arrays and memory maps are indexed directly; zarr and dask arrays (anything
-    with ``vindex``) point-wise, chunk by chunk.
+    with ``vindex``) point-wise, chunk by chunk; any other array that supports basic
+    slicing (a lazy file reader) one box per tile of ``_GATHER_TILE`` voxels that holds
+    points (the box around that tile's points), so at most one tile is in memory.
     """
     idx = tuple(np.ascontiguousarray(zyx[:, a]) for a in range(3))
     if isinstance(vol, np.ndarray):
         return np.asarray(vol[idx], dtype=np.float64)
-    out = vol.vindex[idx]
-    if hasattr(out, "compute"):
-        out = out.compute()
-    return np.asarray(out, dtype=np.float64)
+    if hasattr(vol, "vindex"):
+        out = vol.vindex[idx]
+        if hasattr(out, "compute"):
+            out = out.compute()
+        return np.asarray(out, dtype=np.float64)
+    out = np.empty(len(zyx), dtype=np.float64)
+    tile = np.ravel_multi_index(
+        tuple((zyx // _GATHER_TILE).T),
+        tuple(int(s) // t + 1 for s, t in zip(vol.shape, _GATHER_TILE, strict=True)),
+    )
+    order = np.argsort(tile, kind="stable")
+    cuts = np.flatnonzero(np.diff(tile[order])) + 1
+    for rows in np.split(order, cuts):
+        pts = zyx[rows]
+        lo, hi = pts.min(axis=0), pts.max(axis=0) + 1
+        box = np.asarray(vol[tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))])
+        out[rows] = box[tuple((pts - lo).T)]
+    return out
 
 
 class _Pool:
@@ -215,11 +235,19 @@ class _Model:
         return rows
 
     def _windows(self, centres: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Pool slots ``(n, k)`` and in-volume weights ``(n, k)`` of windows at ``centres``."""
+        """Pool slots ``(n, k)`` and in-volume weights ``(n, k)`` of windows at ``centres``
+        (in batches of ``_WINDOW_BATCH`` spots: the look-ups and reads stay small)."""
+        parts = [
+            self._window_batch(centres[i : i + _WINDOW_BATCH])
+            for i in range(0, max(len(centres), 1), _WINDOW_BATCH)
+        ]
+        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+    def _window_batch(self, centres: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         n = len(centres)
         shape = self.pool.shape
         strides = (shape[1] * shape[2], shape[2], 1)
-        flat = np.zeros((n, 1, 1, 1), dtype=np.int64)
+        flat: np.ndarray = np.zeros((n, 1, 1, 1), dtype=np.int64)
         inside = np.ones((n, 1, 1, 1), dtype=bool)
         for a in range(3):
             v = centres[:, a, None] + self.offsets[a][None]
@@ -510,17 +538,11 @@ def fit_spots(
     for _ in range(cfg.split_rounds):
         if not len(test):
             break
-        data, g = model.window_data(test)
-        sqrt_w = _weights(model, test, noise_var, gain)
-        chi2_one = _one_spot_chi2(data, g, sqrt_w)
-        two, chi2_two = _lm_fit(
-            model,
-            model.centres[test],
-            data,
-            sqrt_w,
-            _split_start(model, test, data),
-            hopeless=(chi2_one, cfg.min_delta_chi2),
-        )
+        parts = [
+            _split_fit(model, test[i : i + _SPLIT_BATCH], noise_var, gain, cfg.min_delta_chi2)
+            for i in range(0, len(test), _SPLIT_BATCH)
+        ]
+        two, chi2_one, chi2_two = (np.concatenate(p) for p in zip(*parts, strict=True))
         a1, p1, a2, p2 = two[:, 0], two[:, 1:4], two[:, 4], two[:, 5:8]
         # misfit beyond the noise model (texture, a wrong PSF) scales the test up
         scale = np.maximum(1.0, chi2_two / np.maximum(model.weight[test].sum(axis=1) - 9, 1))
@@ -565,6 +587,21 @@ def fit_spots(
     return SpotFit(model.zyx, model.amp, model.floor, n_split, n_pruned, noise_var, gain)
 
 
+def _split_fit(
+    model: _Model, rows: np.ndarray, noise_var: float, gain: float, min_gain: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Two-spot fits of the windows of ``rows``: parameters ``(n, 9)`` and the weighted
+    residual sums of squares of the one- and the two-spot fit ``(n,)`` each."""
+    data, g = model.window_data(rows)
+    sqrt_w = _weights(model, rows, noise_var, gain)
+    chi2_one = _one_spot_chi2(data, g, sqrt_w)
+    start = _split_start(model, rows, data)
+    two, chi2_two = _lm_fit(
+        model, model.centres[rows], data, sqrt_w, start, hopeless=(chi2_one, min_gain)
+    )
+    return two, chi2_one, chi2_two
+
+
 def _weights(model: _Model, rows: np.ndarray, noise_var: float, gain: float) -> np.ndarray:
     """Square roots of the voxel weights ``1 / (noise_var + gain x signal)`` on the
     windows of ``rows`` (0 outside the volume): shot noise makes the centre of a bright
@@ -576,14 +613,17 @@ def _weights(model: _Model, rows: np.ndarray, noise_var: float, gain: float) -> 
 def _noise_model(model: _Model) -> tuple[float, float]:
     """Noise variance as ``noise_var + gain x signal`` from the fitted windows.
 
-    The squared residuals of all windows are binned by the model's signal at the voxel;
+    The squared residuals of all windows (of every m-th window where there are many)
+    are binned by the model's signal at the voxel;
     a line through the bins' medians (over the median of chi-square with one degree of
     freedom, 0.455) gives the background variance and the shot-noise gain (>= 0).
     """
-    data, g = model.window_data(np.arange(len(model.zyx)))
-    valid = model.weight > 0
-    resid = (data - model.amp[:, None] * g - model.bg[:, None])[valid]
-    signal = model.model[model.slot][valid]
+    rows = np.arange(len(model.zyx))
+    rows = rows[:: max(1, len(rows) * model.k // _NOISE_MODEL_VOXELS)]  # many: every m-th
+    data, g = model.window_data(rows)
+    valid = model.weight[rows] > 0
+    resid = (data - model.amp[rows, None] * g - model.bg[rows, None])[valid]
+    signal = model.model[model.slot[rows]][valid]
     step = max(1, len(signal) // 20_000)  # a regular subsample is plenty for 20 bins
     signal, resid = signal[::step], resid[::step]
     order = np.argsort(signal)
