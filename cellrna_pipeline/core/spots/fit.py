@@ -229,7 +229,7 @@ class _Model:
         self.slot, self.weight = self._windows(self.centres)
         self.model = np.zeros(len(self.pool.vals))
         spots = self.amp[:, None] * self.gauss(np.arange(len(self.zyx))) * self.weight
-        np.add.at(self.model, self.slot, spots)
+        np.add.at(self.model, self.slot.ravel(), spots.ravel())  # 1-D: numpy's fast path
         rows = np.empty(len(order), dtype=np.int64)
         rows[order] = np.arange(len(order))
         return rows
@@ -348,7 +348,8 @@ class _Model:
             self.amp[cls] = np.maximum(a + step[:, 0], 0.0)
             self.bg[cls] = b + step[:, 1]
             self.zyx[cls] += np.clip(step[:, 2:], -lim, lim)
-            np.add.at(self.model, slot, self.amp[cls, None] * self.gauss(cls) * wt - old)
+            new = self.amp[cls, None] * self.gauss(cls) * wt
+            np.add.at(self.model, slot.ravel(), (new - old).ravel())
 
     def refine(self, rows: np.ndarray, sweeps: int) -> None:
         """Gauss-Seidel sweeps over ``rows`` (classes from the windows at the start; a
