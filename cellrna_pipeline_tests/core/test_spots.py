@@ -103,6 +103,141 @@ def test_chunked_run_equals_single_block(synth_small):
     assert chunked.equals(whole)
 
 
+def test_chunked_and_lazy_runs_equal_single_block_in_a_dense_image():
+    # dense enough that pairs are split by the fit: a dask array (read point-wise, the
+    # fit's sparse voxel pool) and chunks give exactly the in-memory single-block table
+    import dask.array as da
+
+    cfg = SynthConfig(
+        seed=5,
+        timepoints=1,
+        shape_zyx=(16, 96, 96),
+        n_cells=3,
+        cell_radius_um=4.0,
+        snr=10.0,
+        spots_per_cell=150.0,
+    )
+    img = synthesize(cfg).image[0, 2]
+    whole = detect_spots(img, voxel_size=VS)
+    chunks = SpotDetectionConfig(chunk_shape_zyx=(8, 48, 48))
+    lazy = detect_spots(da.from_array(img, chunks=(8, 48, 48)), voxel_size=VS, config=chunks)
+    chunked = detect_spots(img, voxel_size=VS, config=chunks)
+    # a file reader that only slices (the CLI's loader): windows read tile by tile
+    sliced = detect_spots(_SliceOnly(img), voxel_size=VS, config=chunks)
+    assert whole.table.height > 100 and whole.n_split > 0
+    assert lazy.table.equals(whole.table)
+    assert chunked.table.equals(whole.table)
+    assert sliced.table.equals(whole.table)
+
+
+class _SliceOnly:
+    """An array that supports only basic slicing (like a lazy file reader)."""
+
+    def __init__(self, arr):
+        self.arr, self.shape, self.dtype, self.ndim = arr, arr.shape, arr.dtype, arr.ndim
+
+    def __getitem__(self, key):
+        assert all(isinstance(k, slice) for k in key)
+        return self.arr[key].copy()
+
+
+def test_batches_give_the_same_clusters_fits_and_masks(monkeypatch):
+    from cellrna_pipeline.core.spots import decompose, fit, labels
+
+    rng = np.random.default_rng(2)
+    centres = np.vstack(
+        [np.array([6.0, y, x]) + rng.normal(0, [0.4, 1.7, 1.7], (8, 3)) for y, x in CLUSTERS]
+    )
+    img = _render((12, 64, 64), centres, [120.0] * len(centres))
+    whole = detect_spots(img, voxel_size=VS)
+    monkeypatch.setattr(decompose, "_BATCH_BLOBS", 2)
+    monkeypatch.setattr(labels, "_BATCH", 5)
+    monkeypatch.setattr(fit, "_SPLIT_BATCH", 3)
+    monkeypatch.setattr(fit, "_WINDOW_BATCH", 4)
+    batched = detect_spots(img, voxel_size=VS)
+    assert whole.n_clusters >= 2 and whole.n_split >= 2
+    assert batched.table.equals(whole.table)
+
+
+CLUSTERS = [(16.0, 16.0), (16.0, 48.0), (48.0, 16.0), (48.0, 48.0)]
+
+
+def test_noise_sample_lattice_is_capped():
+    from cellrna_pipeline.core.spots._candidates import NOISE_SAMPLE_MAX, noise_strides
+
+    assert noise_strides((32, 256, 256)) == (1, 4, 4)
+    strides = noise_strides((256, 2048, 2048))
+    counts = [-(-n // s) for n, s in zip((256, 2048, 2048), strides, strict=True)]
+    assert NOISE_SAMPLE_MAX // 2 < np.prod(counts) <= NOISE_SAMPLE_MAX
+
+
+@pytest.mark.parametrize("separation", [1.0, 1.2, 2.4])
+def test_close_pair_is_resolved_and_a_bright_point_is_not_split(separation):
+    # two equal spots closer than the PSF merges (sigma 1 px laterally): one local maximum,
+    # split by the fit; a point 3x as bright stays one spot
+    pair = [[6.0, 30.0, 30.0 - separation / 2], [6.0, 30.0, 30.0 + separation / 2]]
+    singles = [[6.0, 10.0, 12.0], [5.2, 12.0, 50.0], [6.6, 50.0, 12.0], [6.0, 48.0, 48.0]]
+    bright = [[6.0, 14.0, 32.0]]
+    centres = np.array(pair + singles + bright)
+    img = _render((12, 64, 64), centres, [150.0] * 6 + [450.0], seed=3)
+    table = detect_spots(img, voxel_size=VS).table
+    pos = table.select(["z", "y", "x"]).to_numpy()
+    near_pair = np.linalg.norm((pos - [6.0, 30.0, 30.0])[:, 1:], axis=1) < 3
+    near_bright = np.linalg.norm((pos - bright[0])[:, 1:], axis=1) < 3
+    assert near_pair.sum() == 2
+    assert near_bright.sum() == 1
+    assert table.height == len(centres)
+    m = match_spots(pos, centres, max_distance=1.0)
+    assert m.tp == len(centres) and m.mean_error < 0.4
+
+
+def test_without_decomposition_a_close_pair_is_one_spot():
+    pair = np.array([[6.0, 30.0, 29.4], [6.0, 30.0, 30.6]])
+    img = _render((12, 64, 64), pair, [150.0, 150.0], seed=3)
+    cfg = SpotDetectionConfig(decompose=False)
+    assert detect_spots(img, voxel_size=VS, config=cfg).table.height == 1
+
+
+def test_fit_recovers_amplitudes_positions_and_the_shot_noise_gain():
+    from cellrna_pipeline.core.spots.fit import fit_spots
+
+    rng = np.random.default_rng(4)
+    centres = np.column_stack(
+        [rng.uniform(3, 9, 40), rng.uniform(4, 92, 40), rng.uniform(4, 92, 40)]
+    )
+    # Poisson counts (gain 1) on a background of 100: noise variance 100 + signal
+    mean = _render((12, 96, 96), centres, [200.0] * 40, noise=0.0).astype(np.float64)
+    img = rng.poisson(mean).astype(np.uint16)
+    start = np.rint(centres) + rng.uniform(-0.3, 0.3, centres.shape)
+    fit = fit_spots(img, start, np.full(40, 100.0), sigma_vox=SIGMA, min_amplitude=50.0)
+    m = match_spots(fit.zyx, centres, max_distance=1.0)
+    assert m.tp == len(fit.zyx) and m.mean_error < 0.25
+    assert np.median(fit.amplitude) == pytest.approx(200.0, rel=0.1)
+    assert fit.noise_var == pytest.approx(100.0, rel=0.3)
+    # the raw residuals under-read the gain (the fit absorbs part of the noise at spot
+    # centres, where the signal is); it must still see the shot noise
+    assert 0.2 < fit.gain < 1.5
+
+
+def test_colour_classes_have_disjoint_windows():
+    from cellrna_pipeline.core.spots.fit import _Model
+
+    rng = np.random.default_rng(0)
+    zyx = np.column_stack(
+        [rng.uniform(0, 8, 300), rng.uniform(0, 40, 300), rng.uniform(0, 40, 300)]
+    )
+    model = _Model(np.zeros((8, 40, 40), np.uint16), SIGMA)
+    model.set(zyx, np.ones(300), np.zeros(300), np.zeros(300))
+    classes = model.colours(np.arange(300))
+    assert sorted(np.concatenate(classes).tolist()) == list(range(300))
+    for cls in classes:
+        c = model.centres[cls]
+        d = np.abs(c[:, None, :] - c[None, :, :])
+        overlap = np.all(d <= 2 * model.reach, axis=2)
+        np.fill_diagonal(overlap, False)
+        assert not overlap.any()
+
+
 def test_bright_point_is_one_spot_and_cluster_is_split():
     # a transcription site (one bright point) and a cluster of 8 spots (std 0.25 um)
     rng = np.random.default_rng(2)

@@ -14,7 +14,8 @@ import numpy as np
 from scipy import ndimage as ndi
 
 GAUSS_TRUNCATE = 3.0
-NOISE_STRIDE_YX = 4  # noise sample: every voxel with y % 4 == 0 and x % 4 == 0
+NOISE_STRIDE_YX = 4  # noise sample: every voxel with y % 4 == 0 and x % 4 == 0 ...
+NOISE_SAMPLE_MAX = 4_000_000  # ... thinned (see noise_strides) to at most this many values
 
 
 @dataclass(frozen=True)
@@ -71,32 +72,35 @@ class Filters:
             )
         )
 
-    def _minus_background(self, smooth: np.ndarray) -> np.ndarray:
-        background = smooth
-        for axis, k in enumerate(self.background_size):
-            background = box_mean(background, k, axis)
-        return smooth - background
-
     def bandpass_pair(self, block: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """``(P, D)``: band-passes ``G(s) * I - box(G(s) * I)`` with the peak-finding
         Gaussian (``P``, whose local maxima locate spots) and the thresholding one (``D =
-        G(rest) * P``, a cascade). The same array twice when both smoothings are equal.
-        float32, the block's shape."""
-        first = ndi.gaussian_filter(
-            block.astype(np.float32, copy=False), self.peak_smooth_vox, truncate=GAUSS_TRUNCATE
-        )
-        rest = self._rest_vox
-        if not any(r > 0 for r in rest):
-            band = self._minus_background(first)
-            return band, band
-        # Both minus their local background (where spots crowd, the "background" is the
-        # neighbouring spots, and subtracting it is what separates them). Gaussian and box
-        # filters commute, so the matched band-pass is the sharp one smoothed further:
-        # one box pass instead of two.
-        peak_band = self._minus_background(first)
-        del first
-        band = ndi.gaussian_filter(peak_band, rest, truncate=GAUSS_TRUNCATE)
-        return peak_band, band
+        G(rest) * P``, a cascade: Gaussian and box filters commute). float32, the block's
+        shape.
+
+        Both are minus their local background: where spots crowd, the "background" is
+        the neighbouring spots, and subtracting it is what separates them. The block is
+        mirrored once at its faces (scipy's ``reflect``; every kernel is symmetric, so
+        this equals mirroring before each pass) and every pass keeps only the voxels its
+        kernel fully covers.
+        """
+        peak = [_gauss_kernel(s) for s in self.peak_smooth_vox]
+        rest = [_gauss_kernel(s) for s in self._rest_vox]
+        rr = [len(k) // 2 for k in rest]
+        rb = [b // 2 for b in self.background_size]
+        pad = [len(k) // 2 + b + r for k, b, r in zip(peak, rb, rr, strict=True)]
+        x = np.pad(block.astype(np.float32, copy=False), [(p, p) for p in pad], mode="symmetric")
+        for axis, k in enumerate(peak):
+            x = _correlate_valid(x, k, axis)
+        background = x
+        for axis, size in enumerate(self.background_size):
+            background = _box_valid(background, size, axis)
+        peak_band = x[tuple(slice(b, x.shape[a] - b) for a, b in enumerate(rb))] - background
+        band = peak_band
+        for axis, k in enumerate(rest):
+            band = _correlate_valid(band, k, axis)
+        core = tuple(slice(r, peak_band.shape[a] - r) for a, r in enumerate(rr))
+        return peak_band[core], band
 
     def bandpass(self, block: np.ndarray) -> np.ndarray:
         """The thresholding band-pass ``D`` (float32, the block's shape)."""
@@ -127,26 +131,51 @@ class Filters:
         return float(np.sqrt((self.bandpass(delta).astype(np.float64) ** 2).sum()))
 
 
-def box_mean(a: np.ndarray, size: int, axis: int) -> np.ndarray:
-    """Mean over ``size`` voxels along ``axis`` (``reflect`` borders, like scipy's).
+def _gauss_kernel(sigma: float) -> np.ndarray:
+    """Normalized Gaussian weights (float32) truncated at ``GAUSS_TRUNCATE`` sigmas."""
+    radius = int(GAUSS_TRUNCATE * sigma + 0.5) if sigma > 0 else 0
+    if radius == 0:
+        return np.ones(1, dtype=np.float32)
+    x = np.arange(-radius, radius + 1, dtype=np.float64)
+    w = np.exp(-0.5 * (x / sigma) ** 2)
+    return (w / w.sum()).astype(np.float32)
 
-    Sums of shifted views: 2-4x faster than ``ndimage.uniform_filter1d`` on the strided
-    axes of a float32 volume.
-    """
+
+def _along(a: np.ndarray, axis: int, start: int, n: int) -> np.ndarray:
+    return a[tuple(slice(start, start + n) if ax == axis else slice(None) for ax in range(a.ndim))]
+
+
+def _correlate_valid(a: np.ndarray, weights: np.ndarray, axis: int) -> np.ndarray:
+    """Correlation with symmetric ``weights`` along ``axis``, only where the kernel fits
+    (the axis shrinks by ``len(weights) - 1``): sums of shifted views, faster than
+    ``ndimage.correlate1d`` on the strided axes of a volume."""
+    r = len(weights) // 2
+    if r == 0:
+        return a
+    n = a.shape[axis] - 2 * r
+    if axis == a.ndim - 1:  # the contiguous axis: scipy's C loop is faster there
+        return _along(ndi.correlate1d(a, weights, axis=axis, mode="reflect"), axis, r, n)
+    out = _along(a, axis, r, n) * weights[r]
+    tmp = np.empty_like(out)
+    for i in range(r):
+        np.add(_along(a, axis, i, n), _along(a, axis, 2 * r - i, n), out=tmp)
+        tmp *= weights[i]
+        out += tmp
+    return out
+
+
+def _box_valid(a: np.ndarray, size: int, axis: int) -> np.ndarray:
+    """Mean over ``size`` voxels along ``axis``, only where the box fits."""
     if size <= 1:
         return a
-    r = size // 2
-    pad = [(0, 0)] * a.ndim
-    pad[axis] = (r, r)
-    p = np.pad(a, pad, mode="symmetric")  # numpy "symmetric" == scipy "reflect"
-    n = a.shape[axis]
-
-    def view(i: int) -> np.ndarray:
-        return p[tuple(slice(i, i + n) if ax == axis else slice(None) for ax in range(a.ndim))]
-
-    out = view(0).copy()
+    n = a.shape[axis] - size + 1
+    if axis == a.ndim - 1:  # a direct sum per voxel (a running sum would depend on
+        # where the line starts, and chunks would differ from a single block)
+        weights = np.full(size, 1.0 / size, dtype=np.float32)
+        return _along(ndi.correlate1d(a, weights, axis=axis, mode="reflect"), axis, size // 2, n)
+    out = _along(a, axis, 0, n).copy()
     for i in range(1, size):
-        out += view(i)
+        out += _along(a, axis, i, n)
     out *= np.float32(1.0 / size)
     return out
 
@@ -186,7 +215,8 @@ class BlockCandidates:
     peak_offset : ``(n, 3)`` float32 sub-voxel offset (parabola through the neighbours
         in the peak-finding band-pass).
     peak_value : ``(n,)`` float32 thresholding band-pass value at the maximum (> 0).
-    noise_sample : float32 band-pass values on a fixed lattice (for the noise level).
+    noise_sample : float32 band-pass values on a fixed lattice (:func:`noise_strides`),
+        for the noise level.
     """
 
     peak_zyx: np.ndarray
@@ -196,53 +226,76 @@ class BlockCandidates:
 
 
 def _extrema(
-    padded: np.ndarray,
+    a: np.ndarray,
     core: tuple[slice, ...],
-    sign: float,
     extra: list[tuple[int, int, int]],
-    gate: np.ndarray | None = None,
+    gate: np.ndarray,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """26-connected strict local maxima of ``sign * padded`` inside ``core``, among the
-    voxels where ``gate`` (core-shaped bool) is set, by default where the value is > 0.
+    """26-connected strict local maxima of ``a`` (padded by one voxel of ``-inf``) inside
+    ``core``, among the voxels where ``gate`` (core-shaped bool) is set.
 
-    Returns local coordinates (in ``padded``), values (times ``sign``) and, for maxima,
-    the 6 axis neighbours (for the sub-voxel fit).
+    Returns local coordinates (in ``a``), values and the 6 axis neighbours (for the
+    sub-voxel fit).
     """
-    a = padded if sign > 0 else -padded
-    c = a[core]
-    mask = c > 0 if gate is None else gate.copy()
-    tmp = np.empty_like(mask)
-    for off in _AXIS_OFFSETS:
-        for s in (1, -1):
-            o = tuple(s * v for v in off)
+    offsets = list(_AXIS_OFFSETS) + [tuple(-v for v in o) for o in _AXIS_OFFSETS]
+    if gate.mean() > 0.05:
+        # a wide gate: axis neighbours as whole-array comparisons first
+        c = a[core]
+        mask = gate.copy()
+        tmp = np.empty_like(mask)
+        for o in offsets:
             nb = a[tuple(slice(sl.start + d, sl.stop + d) for sl, d in zip(core, o, strict=True))]
             (np.greater if _strict(o) else np.greater_equal)(c, nb, out=tmp)
             mask &= tmp
-    idx = np.nonzero(mask)
-    zyx = np.stack(idx, axis=1) + np.array([sl.start for sl in core])
+        gate, offsets = mask, []
+    zyx = np.stack(np.unravel_index(np.flatnonzero(gate), gate.shape), axis=1)
+    zyx += np.array([sl.start for sl in core])
     flat = np.ravel_multi_index(tuple(zyx.T), a.shape)
-    values = a.ravel()[flat]
-    keep = np.ones(len(flat), dtype=bool)
-    strides = np.array([a.shape[1] * a.shape[2], a.shape[2], 1])
     av = a.ravel()
-    for diag in _DIAGONAL_OFFSETS:
-        nb = av[flat + int(np.dot(diag, strides))]
-        keep &= values > nb if _strict(diag) else values >= nb
-    zyx, flat, values = zyx[keep], flat[keep], values[keep]
+    values = av[flat]
+    strides = np.array([a.shape[1] * a.shape[2], a.shape[2], 1])
     keep = np.ones(len(flat), dtype=bool)
+    for o in offsets + _DIAGONAL_OFFSETS:
+        nb = av[flat + int(np.dot(o, strides))]
+        keep &= values > nb if _strict(o) else values >= nb
+    zyx, flat, values = zyx[keep], flat[keep], values[keep]
     if extra:
         # Non-maximum suppression over the spot's footprint (coordinates clipped at the
         # array border: the halo covers the footprint, so clipping only hits volume edges).
+        keep = np.ones(len(flat), dtype=bool)
         hi = np.array(a.shape) - 1
         for ext in extra:
             nzyx = np.clip(zyx + np.asarray(ext), 0, hi)
             nb = av[np.ravel_multi_index(tuple(nzyx.T), a.shape)]
             keep &= values > nb if _strict(ext) else values >= nb
-    zyx, flat, values = zyx[keep], flat[keep], values[keep]
+        zyx, flat, values = zyx[keep], flat[keep], values[keep]
     neighbours = np.stack(
         [av[flat - int(st)] for st in strides] + [av[flat + int(st)] for st in strides], axis=1
     )
     return zyx, values, neighbours
+
+
+def noise_strides(shape: tuple[int, ...]) -> tuple[int, int, int]:
+    """Strides ``(z, y, x)`` of the noise-sample lattice of a volume of ``shape``: every
+    ``NOISE_STRIDE_YX``-th voxel in y and x, and the axis with the most lattice points
+    halved until there are at most ``NOISE_SAMPLE_MAX`` (a fixed, chunk-independent
+    lattice: chunks and a single block draw the same sample)."""
+    strides = [1, NOISE_STRIDE_YX, NOISE_STRIDE_YX]
+    while True:
+        counts = [-(-int(n) // s) for n, s in zip(shape, strides, strict=True)]
+        if int(np.prod(counts)) <= NOISE_SAMPLE_MAX:
+            return strides[0], strides[1], strides[2]
+        strides[int(np.argmax(counts))] *= 2
+
+
+def robust_std(sample: np.ndarray) -> float:
+    """1.4826 x the median absolute deviation (the std of Gaussian noise); the plain std
+    when that is 0; 0 for an empty or constant sample."""
+    x = sample.astype(np.float64)
+    if not x.size:
+        return 0.0
+    out = float(1.4826 * np.median(np.abs(x - np.median(x))))
+    return out if out > 0 else float(x.std())
 
 
 def block_candidates(
@@ -251,6 +304,8 @@ def block_candidates(
     origin: tuple[int, int, int],
     filters: Filters,
     suppression: list[tuple[int, int, int]] | None = None,
+    gate_sigma: float | None = None,
+    strides: tuple[int, int, int] = (1, NOISE_STRIDE_YX, NOISE_STRIDE_YX),
 ) -> BlockCandidates:
     """Band-pass ``block`` and return the extrema of its ``core``.
 
@@ -260,12 +315,21 @@ def block_candidates(
     core : slices of ``block`` whose extrema are reported.
     origin : global voxel coordinate of ``block[0, 0, 0]``.
     filters : filter sizes.
+    suppression : extra offsets a maximum must beat (non-maximum suppression).
+    gate_sigma : report only extrema above this many noise sigmas of the block's own
+        noise sample; ``None``: all above 0.
+    strides : of the global noise-sample lattice (:func:`noise_strides`).
     """
     peak_band, band = filters.bandpass_pair(block)
+    sample_core = band[core]
+    first = [(-(o + c.start)) % s for o, c, s in zip(origin, core, strides, strict=True)]
+    lattice = tuple(slice(f, None, s) for f, s in zip(first, strides, strict=True))
+    sample = sample_core[lattice].ravel()
+    level = 0.0 if gate_sigma is None else gate_sigma * robust_std(sample)
     padded = np.pad(peak_band, 1, mode="constant", constant_values=-np.inf)
     core_p = tuple(slice(s.start + 1, s.stop + 1) for s in core)
-    # Candidates: where the thresholding band-pass is positive (above the local background).
-    zyx, peak_values, nb = _extrema(padded, core_p, 1.0, suppression or [], gate=band[core] > 0)
+    # Candidates: where the thresholding band-pass is above the local background (level).
+    zyx, peak_values, nb = _extrema(padded, core_p, suppression or [], sample_core > level)
     # Parabola through (-1, 0, +1) along each axis; none at the volume edge (inf neighbour).
     minus, plus = nb[:, :3], nb[:, 3:]
     curv = minus - 2.0 * peak_values[:, None] + plus
@@ -279,10 +343,6 @@ def block_candidates(
     # The peak's strength: the thresholding (matched) band-pass at the same voxel.
     values = band[tuple((zyx - 1).T)] if band is not peak_band else peak_values
     g = np.asarray(origin) - 1  # padded local -> global
-    sample_core = band[core]
-    oy = (-(origin[1] + core[1].start)) % NOISE_STRIDE_YX
-    ox = (-(origin[2] + core[2].start)) % NOISE_STRIDE_YX
-    sample = sample_core[:, oy::NOISE_STRIDE_YX, ox::NOISE_STRIDE_YX].ravel()
     return BlockCandidates(
         peak_zyx=(zyx + g).astype(np.int64),
         peak_offset=offset,

@@ -39,9 +39,11 @@ class SpotDetectionConfig(StrictModel):
     decompose : split dense clusters (blobs wider than one spot) into single spots.
     cluster_extent_ratio : a blob counts as a cluster when its spread exceeds a single
         spot's by this factor (on the summed variance over axes).
-    chunk_shape_zyx : process the volume in chunks of this shape (dask ``map_overlap``
-        with an overlap that makes the result identical to one block); ``None`` picks
-        chunks of about 16 MB for images larger than that, else one block.
+    chunk_shape_zyx : process the volume in chunks of this shape (a dask task per chunk,
+        with a halo that makes the result identical to one block); ``None`` picks
+        chunks of about 4 M voxels (up to 64 x 256 x 256) for images larger than that,
+        else one block. Peak memory is about 60 bytes per voxel of a chunk (with its
+        halo) times the dask worker threads, plus the candidates and spots.
     """
 
     spot_radius_nm: tuple[float, float, float] = DEFAULT_SPOT_RADIUS_NM

@@ -6,18 +6,23 @@ spread (intensity-weighted second moments above 30 % of its peak, in units of th
 sigma) tells them apart; a cluster's spot count is its integrated intensity over that of
 the reference single spot, and the spots are placed by matching pursuit (repeatedly take
 the brightest point of the residual and subtract one reference spot there).
+
+All blobs of an image are processed together: their windows are stacked into one
+``(blobs, z, y, x)`` array and every step is one array operation over the stack.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from scipy import ndimage as ndi
 
-__all__ = ["Blob", "decompose_blob", "point_extent"]
+from cellrna_pipeline.core.spots.fit import gather
+
+__all__ = ["Blobs", "decompose_blobs", "point_extent"]
 
 _REGION_LEVEL = 0.3  # blob = voxels connected to the peak above 30 % of its height
 _MASS_LEVEL = 0.3  # mass counted above 30 % of a reference spot's height
@@ -25,216 +30,314 @@ _MAX_SPOTS_PER_BLOB = 60
 _EXTENT_RADIUS = 2.5  # spread measured within this many sigmas of the peak
 _MASS_RADIUS = 4.0  # a cluster's spots are looked for within this many sigmas
 _STOP_LEVEL = 0.5
+_HALF_SIGMAS = 5.0  # window: +-(5 sigma + 1) around the peak ...
+_MARGIN_SIGMAS = 3.0  # ... read with a margin of 3 sigma for the smoothing
+_BATCH_BLOBS = 256  # blobs processed together (memory: their windows)
+_PAD_VOXELS = 8_000_000  # in-memory images up to this size are mirrored whole, once
 
 
 @dataclass(frozen=True)
-class Blob:
-    """Result of :func:`decompose_blob`.
+class Blobs:
+    """Result of :func:`decompose_blobs` for ``nb`` blobs.
 
     Attributes
     ----------
-    extent : spread of the blob over that of a single spot (1 = point-like).
-    spots_zyx : ``(n, 3)`` float64 global sub-voxel positions of the spots it holds
-        (empty when the blob is point-like: keep the original peak).
-    amplitudes : ``(n,)`` float64 amplitude of each spot (counts above background).
-    region_zyx : ``(m, 3)`` int64 global voxels of a cluster (to absorb the other peaks in
-        it); just the peak for a point-like blob.
+    extent : ``(nb,)`` spread of each blob over that of a single spot (1 = point-like).
+    spots_zyx : ``(m, 3)`` float64 global sub-voxel positions of the spots of the
+        clusters (none for point-like blobs), grouped by blob.
+    spot_blob : ``(m,)`` int64 blob of each spot.
+    amplitudes : ``(m,)`` float64 amplitude of each spot (counts above background).
     """
 
-    extent: float
+    extent: np.ndarray
     spots_zyx: np.ndarray
+    spot_blob: np.ndarray
     amplitudes: np.ndarray
-    region_zyx: np.ndarray
+    _mass: np.ndarray  # (nb, kz, ky, kx) bool mass region of each cluster
+    _origin: np.ndarray  # (nb, 3) global voxel of each window's [0, 0, 0]
+    _shape: tuple[int, int, int]
+
+    def region_flat(self, b: int) -> np.ndarray:
+        """Flat global indices of the voxels of cluster ``b`` (its mass region)."""
+        local = np.argwhere(self._mass[b])
+        zyx = local + self._origin[b]
+        inside = np.all((zyx >= 0) & (zyx < np.asarray(self._shape)), axis=1)
+        return np.ravel_multi_index(tuple(zyx[inside].T), self._shape)
 
 
-def _gauss_axes(shape: tuple[int, ...], centre: np.ndarray, sigma: np.ndarray) -> list[np.ndarray]:
-    out = []
-    for n, c, s in zip(shape, centre, sigma, strict=True):
-        r = np.arange(n, dtype=np.float64) - c
-        out.append(np.exp(-0.5 * (r / s) ** 2) if s > 0 else (np.abs(r) < 0.5).astype(np.float64))
-    return out
-
-
-def _moment_extent(values: np.ndarray, mask: np.ndarray, sigma: np.ndarray) -> float:
-    """Largest principal variance of the intensity-weighted voxels, in sigma units.
-
-    A pair of spots stretches the blob along one direction only, so the largest
-    eigenvalue of the covariance responds to it more than the summed variance does.
-    """
-    idx = np.nonzero(mask)
-    w = values[idx].astype(np.float64)
-    total = w.sum()
-    if total <= 0:
-        return 0.0
-    axes = [a for a, s in enumerate(sigma) if s > 0]
-    coords = np.stack([idx[a].astype(np.float64) / sigma[a] for a in axes])
-    mean = (coords * w).sum(axis=1, keepdims=True) / total
-    d = coords - mean
-    cov = (d * w) @ d.T / total
-    return float(np.linalg.eigvalsh(np.atleast_2d(cov))[-1])
-
-
-def _smooth_sigma(sigma: np.ndarray) -> tuple[float, ...]:
-    return tuple(float(s) for s in sigma)
-
-
-def point_extent(sigma_vox: tuple[float, float, float]) -> float:
-    """:func:`_moment_extent` of one smoothed spot on a voxel centre (the reference)."""
-    sigma = np.asarray(sigma_vox, dtype=np.float64)
-    half = [max(1, int(np.ceil(5 * s))) for s in sigma]
-    shape = tuple(2 * h + 1 for h in half)
-    ax = _gauss_axes(shape, np.asarray(half, dtype=np.float64), sigma)
-    spot = ax[0][:, None, None] * ax[1][None, :, None] * ax[2][None, None, :]
-    sm = ndi.gaussian_filter(spot, _smooth_sigma(sigma), truncate=3.0)
-    ball = _ball(sm.shape, tuple(half), sigma, _EXTENT_RADIUS)
-    region = _peak_region(sm, tuple(half), _REGION_LEVEL * sm[tuple(half)], ball)
-    return _moment_extent(sm, region, sigma)
-
-
-def _ball(
-    shape: tuple[int, ...], centre: tuple[int, ...], sigma: np.ndarray, radius: float
-) -> np.ndarray:
-    """Voxels within ``radius`` sigmas (normalized distance) of ``centre`` (read-only)."""
-    return _ball_cached(
-        tuple(int(v) for v in shape),
-        tuple(int(v) for v in centre),
-        tuple(float(v) for v in sigma),
-        float(radius),
+def _grid(sigma: np.ndarray, radius_sigmas: float, extra: int) -> np.ndarray:
+    return np.array(
+        [0 if s == 0 else max(2, int(np.ceil(radius_sigmas * s)) + extra) for s in sigma]
     )
 
 
-@functools.lru_cache(maxsize=256)
-def _ball_cached(
-    shape: tuple[int, ...], centre: tuple[int, ...], sigma: tuple[float, ...], radius: float
+def _reflect(i: np.ndarray, n: int) -> np.ndarray:
+    """scipy's ``reflect`` boundary (``d c b a | a b c d | d c b a``) as indices."""
+    i = np.mod(i, 2 * n)
+    return np.where(i >= n, 2 * n - 1 - i, i)
+
+
+def _balls(
+    shape: tuple[int, ...], centre: np.ndarray, sigma: np.ndarray, radius: float
 ) -> np.ndarray:
+    """Voxels of a ``(kz, ky, kx)`` window within ``radius`` sigmas of ``centre``."""
     d2 = np.zeros(shape)
     for axis, (n, c, s) in enumerate(zip(shape, centre, sigma, strict=True)):
         if s <= 0:
             continue
-        r = (np.arange(n) - c) / s
-        d2 = d2 + (r**2).reshape([-1 if a == axis else 1 for a in range(len(shape))])
-    ball = d2 <= radius * radius
-    ball.flags.writeable = False
-    return ball
+        r = ((np.arange(n) - c) / s) ** 2
+        d2 = d2 + r.reshape([-1 if a == axis else 1 for a in range(3)])
+    return d2 <= radius * radius
 
 
-def _peak_region(
-    values: np.ndarray, peak: tuple[int, ...], level: float, within: np.ndarray | None = None
-) -> np.ndarray:
-    above = values > level
-    if within is not None:
-        above &= within
-    labels, _ = ndi.label(above)
-    lab = labels[peak]
-    if lab == 0:
-        out = np.zeros(values.shape, dtype=bool)
-        out[peak] = True
-        return out
-    return labels == lab
+def _connected_to_centre(mask: np.ndarray, centre: tuple[int, ...]) -> np.ndarray:
+    """Per blob, the component of ``mask`` ``(nb, kz, ky, kx)`` holding ``centre``
+    (26-connected within a blob, never across blobs)."""
+    structure = np.zeros((3, 3, 3, 3), dtype=bool)
+    structure[1] = True
+    labels, _ = ndi.label(mask, structure=structure)
+    at = labels[(slice(None), *centre)]
+    out = (labels == at[:, None, None, None]) & (at[:, None, None, None] > 0)
+    out[(slice(None), *centre)] = True  # an empty blob keeps its peak
+    return out
 
 
-def decompose_blob(
-    read: Callable[[tuple[slice, ...]], np.ndarray],
-    shape_zyx: tuple[int, int, int],
-    peak_zyx: np.ndarray,
+def _extents(smooth: np.ndarray, region: np.ndarray, sigma: np.ndarray) -> np.ndarray:
+    """Largest principal variance (sigma units) of each blob's intensity-weighted region.
+
+    A pair of spots stretches a blob along one direction only, so the largest
+    eigenvalue of the covariance responds to it more than the summed variance does.
+    """
+    nb = len(smooth)
+    w = (smooth * region).reshape(nb, -1).astype(np.float64)
+    total = w.sum(axis=1)
+    axes = [a for a in range(3) if sigma[a] > 0]
+    grids = np.meshgrid(*[np.arange(n, dtype=np.float64) for n in smooth.shape[1:]], indexing="ij")
+    coords = np.stack([grids[a].ravel() / sigma[a] for a in axes])  # (d, k)
+    safe = np.where(total > 0, total, 1.0)
+    mean = w @ coords.T / safe[:, None]  # (nb, d)
+    second = np.einsum("nk,ik,jk->nij", w, coords, coords) / safe[:, None, None]
+    cov = second - mean[:, :, None] * mean[:, None, :]
+    out = np.linalg.eigvalsh(cov)[:, -1]
+    return np.where(total > 0, out, 0.0)
+
+
+def decompose_blobs(
+    vol: Any,
+    peaks_zyx: np.ndarray,
     *,
     sigma_vox: tuple[float, float, float],
     reference_amplitude: float,
     reference_extent: float,
     extent_ratio: float,
-) -> Blob:
-    """Decide whether the blob at ``peak_zyx`` is one spot or a cluster, and split it.
+) -> Blobs:
+    """Decide for each blob whether it is one spot or a cluster, and split the clusters.
 
     Parameters
     ----------
-    read : returns the image (float32-castable) for a tuple of global ``zyx`` slices.
-    shape_zyx : image shape.
-    peak_zyx : ``(3,)`` int voxel of the blob's peak.
+    vol : ``(z, y, x)`` image (numpy, memory map, zarr or dask; read point-wise).
+    peaks_zyx : ``(nb, 3)`` int voxels of the blobs' peaks.
     sigma_vox : spot sigma in voxels (``z`` 0 for 2-D).
     reference_amplitude : amplitude (counts above background) of a typical single spot.
     reference_extent : :func:`point_extent` for ``sigma_vox``.
     extent_ratio : clusters are blobs whose extent exceeds the reference by this factor.
     """
-    sigma = np.asarray(sigma_vox, dtype=np.float64)
-    half = np.array([0 if s == 0 else max(2, int(np.ceil(5 * s)) + 1) for s in sigma])
-    margin = np.array([0 if s == 0 else int(np.ceil(3 * s)) for s in sigma])
-    lo = np.maximum(peak_zyx - half - margin, 0)
-    hi = np.minimum(peak_zyx + half + margin + 1, shape_zyx)
-    raw = np.asarray(
-        read(tuple(slice(int(a), int(b)) for a, b in zip(lo, hi, strict=True))), dtype=np.float32
+    peaks = np.asarray(peaks_zyx, dtype=np.int64).reshape(-1, 3)
+    args = (sigma_vox, reference_amplitude, reference_extent, extent_ratio)
+    # batches of neighbouring blobs (a lazy volume is read where they are), in position order
+    order = np.lexsort(peaks.T[::-1])
+    parts = [
+        _decompose_batch(vol, peaks[order[i : i + _BATCH_BLOBS]], *args)
+        for i in range(0, max(len(peaks), 1), _BATCH_BLOBS)
+    ]
+    first = np.cumsum([0] + [len(p.extent) for p in parts[:-1]])
+    blob = order[np.concatenate([p.spot_blob + f for p, f in zip(parts, first, strict=True)])]
+    by_blob = np.argsort(blob, kind="stable")  # spots grouped by blob, in blob order
+    back = np.argsort(order)
+    return Blobs(
+        np.concatenate([p.extent for p in parts])[back],
+        np.concatenate([p.spots_zyx for p in parts])[by_blob],
+        blob[by_blob],
+        np.concatenate([p.amplitudes for p in parts])[by_blob],
+        np.concatenate([p._mass for p in parts])[back],
+        np.concatenate([p._origin for p in parts])[back],
+        parts[0]._shape,
     )
-    smooth = ndi.gaussian_filter(raw, _smooth_sigma(sigma), truncate=3.0)
-    # Crop the margin away (kept only so that smoothing near the window edge is right).
-    wlo = np.maximum(peak_zyx - half, 0) - lo
-    whi = np.minimum(peak_zyx + half + 1, shape_zyx) - lo
-    crop = tuple(slice(int(a), int(b)) for a, b in zip(wlo, whi, strict=True))
-    smooth, raw = smooth[crop], raw[crop]
-    origin = lo + wlo
-    # Background: the median of the planes around the peak (a window that reaches below
-    # a cell's bottom or above its top would mix in the darker medium).
-    local_z = int(peak_zyx[0] - origin[0])
-    dz = max(1, round(float(sigma[0])))
-    background = float(np.median(smooth[max(0, local_z - dz) : local_z + dz + 1]))
+
+
+def _decompose_batch(
+    vol: Any,
+    peaks: np.ndarray,
+    sigma_vox: tuple[float, float, float],
+    reference_amplitude: float,
+    reference_extent: float,
+    extent_ratio: float,
+) -> Blobs:
+    """:func:`decompose_blobs` for one batch of blobs (their windows stacked)."""
+    shape: tuple[int, int, int] = tuple(int(s) for s in vol.shape)  # type: ignore[assignment]
+    sigma = np.asarray(sigma_vox, dtype=np.float64)
+    nb = len(peaks)
+    half = _grid(sigma, _HALF_SIGMAS, 1)
+    margin = np.array([0 if s == 0 else int(np.ceil(_MARGIN_SIGMAS * s)) for s in sigma])
+    reach = half + margin
+    size = tuple(int(v) for v in 2 * reach + 1)
+    # windows (with margin) read point-wise, reflected at the volume's faces
+    idx = []
+    inside = np.ones((nb, 1, 1, 1), dtype=bool)
+    for a in range(3):
+        v = peaks[:, a, None] + np.arange(-reach[a], reach[a] + 1)[None]
+        sh = [nb, 1, 1, 1]
+        sh[a + 1] = size[a]
+        inside = inside & ((v >= 0) & (v < shape[a])).reshape(sh)
+        idx.append(np.broadcast_to(_reflect(v, shape[a]).reshape(sh), (nb, *size)))
+    if type(vol) is np.ndarray and vol.size <= _PAD_VOXELS:
+        # in memory: windows of the volume mirrored once at its faces (as _reflect does)
+        padded = np.pad(vol, [(int(r), int(r)) for r in reach], mode="symmetric")
+        windows = np.lib.stride_tricks.sliding_window_view(padded, size)
+        raw = windows[peaks[:, 0], peaks[:, 1], peaks[:, 2]].astype(np.float32)
+    else:
+        raw = gather(vol, np.stack([i.ravel() for i in idx], axis=1)).reshape(nb, *size)
+        raw = raw.astype(np.float32)
+    smooth = ndi.gaussian_filter(raw, (0.0, *sigma), truncate=3.0, mode="reflect")
+    crop = (
+        slice(None),
+        *(slice(int(m), int(m + 2 * h + 1)) for m, h in zip(margin, half, strict=True)),
+    )
+    # mirrored voxels beyond the volume's faces only serve the smoothing
+    smooth, raw, inside = smooth[crop], raw[crop], np.broadcast_to(inside, (nb, *size))[crop]
+    kshape = smooth.shape[1:]
+    centre = tuple(int(h) for h in half)
+    # background: the median of the planes around the peak (a window reaching below a
+    # cell's bottom or above its top would mix in the darker medium)
+    dz = max(1, round(float(sigma[0]))) if sigma[0] > 0 else 0
+    zs = slice(max(0, centre[0] - dz), centre[0] + dz + 1)
+    planes = np.where(inside[:, zs], smooth[:, zs], np.nan).reshape(nb, -1)
+    background = np.nanmedian(planes, axis=1)[:, None, None, None]
     smooth = smooth - background
     rawbg = raw - background
-    local_peak = tuple(int(v) for v in (peak_zyx - origin))
-    height = float(smooth[local_peak])
-    empty = np.zeros((0, 3))
-    if height <= 0:
-        return Blob(1.0, empty, np.zeros(0), np.asarray([peak_zyx]))
-    region = _peak_region(
-        smooth,
-        local_peak,
-        _REGION_LEVEL * height,
-        _ball(smooth.shape, local_peak, sigma, _EXTENT_RADIUS),
+    height = smooth[(slice(None), *centre)]
+    ok = height > 0
+    level = (_REGION_LEVEL * np.maximum(height, 0))[:, None, None, None]
+    ball = _balls(kshape, np.asarray(centre), sigma, _EXTENT_RADIUS)
+    region = _connected_to_centre(
+        (smooth > level) & ball & inside & ok[:, None, None, None], centre
     )
-    extent = _moment_extent(smooth, region, sigma) / max(reference_extent, 1e-9)
-    if extent < extent_ratio:
-        return Blob(extent, empty, np.zeros(0), np.asarray([peak_zyx]))
+    extent = np.where(ok, _extents(smooth, region, sigma) / max(reference_extent, 1e-9), 1.0)
+    cluster = ok & (extent >= extent_ratio)
 
-    # A cluster: count spots from the integrated intensity.
+    origin = peaks - half
+    mass_region = np.zeros((nb, *kshape), dtype=bool)
+    empty = Blobs(
+        extent, np.zeros((0, 3)), np.zeros(0, np.int64), np.zeros(0), mass_region, origin, shape
+    )
+    if not cluster.any():
+        return empty
+    ci = np.flatnonzero(cluster)
     unit_smooth = float(np.prod([1.0 / np.sqrt(2.0) for s in sigma if s > 0]))
     ref_height = reference_amplitude * unit_smooth
-    mass_region = _peak_region(
-        smooth,
-        local_peak,
-        _MASS_LEVEL * ref_height,
-        _ball(smooth.shape, local_peak, sigma, _MASS_RADIUS),
-    )
-    mass = float(rawbg[mass_region].sum())  # unclipped: noise averages out
+    sm = smooth[ci]
+    mass_ball = _balls(kshape, np.asarray(centre), sigma, _MASS_RADIUS)
+    mass = _connected_to_centre((sm > _MASS_LEVEL * ref_height) & mass_ball & inside[ci], centre)
+    mass_region[ci] = mass
+    flux = (rawbg[ci] * mass).reshape(len(ci), -1).sum(axis=1)  # unclipped: noise averages out
     unit_mass = float(np.prod([np.sqrt(2 * np.pi) * s for s in sigma if s > 0]))
-    n = int(np.clip(round(mass / (reference_amplitude * unit_mass)), 1, _MAX_SPOTS_PER_BLOB))
-    # Matching pursuit on the smoothed residual: one reference spot (smoothed) per step.
-    residual = np.where(mass_region, smooth, -np.inf).astype(np.float64)
-    smooth_sigma = np.sqrt(2.0) * sigma
-    spots, taken = [], np.zeros(residual.shape, dtype=bool)
-    for _ in range(n):
-        masked = np.where(taken, -np.inf, residual)
-        k = np.unravel_index(int(np.argmax(masked)), masked.shape)
-        # Stop when what is left is less than half a reference spot (CLEAN's criterion).
-        if not masked[k] >= _STOP_LEVEL * ref_height:
-            break
-        pos = np.asarray(k, dtype=np.float64)
-        for axis in range(3):  # parabolic sub-voxel refinement on the residual
-            if sigma[axis] == 0 or not 0 < k[axis] < residual.shape[axis] - 1:
-                continue
-            idx = list(k)
-            idx[axis] -= 1
-            a = residual[tuple(idx)]
-            idx[axis] += 2
-            b = residual[tuple(idx)]
-            c = residual[k]
-            curv = a - 2 * c + b
-            if np.isfinite(curv) and curv < 0:
-                pos[axis] += float(np.clip(0.5 * (a - b) / curv, -0.49, 0.49))
-        spots.append(pos)
-        taken[k] = True
-        ax = _gauss_axes(residual.shape, pos, smooth_sigma)
-        residual -= ref_height * (
-            ax[0][:, None, None] * ax[1][None, :, None] * ax[2][None, None, :]
+    n = np.clip(np.rint(flux / (reference_amplitude * unit_mass)), 1, _MAX_SPOTS_PER_BLOB).astype(
+        int
+    )
+    spots, owner = _matching_pursuit(np.where(mass, sm, -np.inf), n, sigma, ref_height)
+    if not len(spots):
+        return Blobs(
+            extent, np.zeros((0, 3)), np.zeros(0, np.int64), np.zeros(0), mass_region, origin, shape
         )
-    if not spots:
-        return Blob(extent, empty, np.zeros(0), np.asarray([peak_zyx]))
-    zyx = np.asarray(spots) + origin
-    amp = np.full(len(zyx), mass / unit_mass / len(zyx))
-    return Blob(extent, zyx, amp, np.argwhere(mass_region) + origin)
+    blob = ci[owner]
+    counts = np.bincount(owner, minlength=len(ci))
+    amps = flux[owner] / unit_mass / counts[owner]
+    return Blobs(extent, spots + origin[blob], blob, amps, mass_region, origin, shape)  # type: ignore[arg-type]
+
+
+def _matching_pursuit(
+    residual: np.ndarray, n: np.ndarray, sigma: np.ndarray, ref_height: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """Up to ``n[b]`` spots per window of ``residual`` ``(nb, kz, ky, kx)`` (``-inf``
+    outside the blob): take the brightest voxel, refine it to sub-voxel, subtract one
+    reference spot there (smoothed: sigma sqrt 2); stop at half a reference spot (CLEAN's
+    criterion). Returns local positions ``(m, 3)`` and the window of each."""
+    nb = len(residual)
+    kshape = residual.shape[1:]
+    residual = residual.astype(np.float64)
+    taken = np.zeros(residual.shape, dtype=bool)
+    alive = np.ones(nb, dtype=bool)
+    smooth_sigma = np.sqrt(2.0) * sigma
+    grids = [np.arange(k, dtype=np.float64) for k in kshape]
+    out_pos, out_owner = [], []
+    for step in range(int(n.max())):
+        act = np.flatnonzero(alive & (n > step))
+        if not len(act):
+            break
+        masked = np.where(taken[act], -np.inf, residual[act]).reshape(len(act), -1)
+        flat = np.argmax(masked, axis=1)
+        peak = masked[np.arange(len(act)), flat]
+        go = peak >= _STOP_LEVEL * ref_height
+        alive[act[~go]] = False
+        act, flat = act[go], flat[go]
+        if not len(act):
+            break
+        k = np.stack(np.unravel_index(flat, kshape), axis=1)
+        pos = k.astype(np.float64)
+        for axis in range(3):  # parabolic sub-voxel refinement on the residual
+            if sigma[axis] == 0:
+                continue
+            inner = (k[:, axis] > 0) & (k[:, axis] < kshape[axis] - 1)
+            lo, hi = k.copy(), k.copy()
+            lo[:, axis] = np.clip(k[:, axis] - 1, 0, kshape[axis] - 1)
+            hi[:, axis] = np.clip(k[:, axis] + 1, 0, kshape[axis] - 1)
+            a = residual[(act, *lo.T)]
+            b = residual[(act, *hi.T)]
+            c = residual[(act, *k.T)]
+            curv = a - 2 * c + b
+            good = inner & np.isfinite(curv) & (curv < 0)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                off = np.clip(0.5 * (a - b) / np.where(good, curv, -1.0), -0.49, 0.49)
+            pos[:, axis] += np.where(good, off, 0.0)
+        out_pos.append(pos)
+        out_owner.append(act)
+        taken[(act, *k.T)] = True
+        g = np.ones((len(act), 1, 1, 1))
+        for axis in range(3):
+            s = smooth_sigma[axis]
+            r = grids[axis][None] - pos[:, axis, None]
+            f = np.exp(-0.5 * (r / s) ** 2) if s > 0 else (np.abs(r) < 0.5).astype(np.float64)
+            sh = [len(act), 1, 1, 1]
+            sh[axis + 1] = kshape[axis]
+            g = g * f.reshape(sh)
+        residual[act] -= ref_height * g
+    if not out_pos:
+        return np.zeros((0, 3)), np.zeros(0, dtype=np.int64)
+    pos = np.concatenate(out_pos)
+    owner = np.concatenate(out_owner)
+    order = np.argsort(owner, kind="stable")
+    return pos[order], owner[order]
+
+
+@functools.lru_cache(maxsize=32)
+def point_extent(sigma_vox: tuple[float, float, float]) -> float:
+    """The extent measure of one noise-free spot on a voxel centre (the reference)."""
+    sigma = np.asarray(sigma_vox, dtype=np.float64)
+    half = _grid(sigma, _HALF_SIGMAS, 1) + np.array(
+        [0 if s == 0 else int(np.ceil(_MARGIN_SIGMAS * s)) for s in sigma]
+    )
+    shape = tuple(int(v) for v in 2 * half + 1)
+    spot = np.ones(shape)
+    for axis, (n, s) in enumerate(zip(shape, sigma, strict=True)):
+        r = np.arange(n) - half[axis]
+        f = np.exp(-0.5 * (r / s) ** 2) if s > 0 else (r == 0).astype(np.float64)
+        spot = spot * f.reshape([-1 if a == axis else 1 for a in range(3)])
+    blobs = decompose_blobs(
+        spot,
+        half[None],
+        sigma_vox=sigma_vox,
+        reference_amplitude=1.0,
+        reference_extent=1.0,
+        extent_ratio=np.inf,
+    )
+    return float(blobs.extent[0])

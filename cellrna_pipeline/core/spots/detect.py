@@ -15,7 +15,7 @@ Steps (see ``docs/spots.md``):
    floor is: low threshold).
 5. Blobs wider than one spot are split into the spots they hold (:mod:`.decompose`).
 
-Steps 1-2 run per chunk through ``dask.array.map_overlap`` with a halo that covers every
+Steps 1-2 run per chunk (dask tasks, each reading its chunk) with a halo that covers every
 filter, so a chunked run gives exactly the result of a single-block run; steps 3-5 work on
 the (small) candidate lists and on small windows read from the image, so memory stays
 bounded by the chunk size.
@@ -23,7 +23,10 @@ bounded by the chunk size.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import functools
+import itertools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,16 +34,20 @@ from typing import Any
 
 import numpy as np
 import polars as pl
+from scipy.spatial import cKDTree
 
 from cellrna_pipeline.core.errors import InputError
 from cellrna_pipeline.core.spots._candidates import (
     BlockCandidates,
     Filters,
     block_candidates,
+    noise_strides,
+    robust_std,
     suppression_offsets,
 )
 from cellrna_pipeline.core.spots.config import SpotDetectionConfig, psf_sigma_vox
-from cellrna_pipeline.core.spots.decompose import decompose_blob, point_extent
+from cellrna_pipeline.core.spots.decompose import decompose_blobs, point_extent
+from cellrna_pipeline.core.spots.fit import fit_spots
 from cellrna_pipeline.core.spots.labels import rasterize_spots
 from cellrna_pipeline.core.types import VoxelSize
 
@@ -67,7 +74,13 @@ _BLOB_SIGMA_FACTOR = 2.0  # ... if also this many times the threshold
 _SMOOTHING = 1.0  # Gaussian of the thresholded band-pass, in spot sigmas (matched filter)
 _PEAK_SMOOTHING = 0.6  # sharper Gaussian whose maxima locate spots (resolves close pairs)
 _NMS_RADIUS = 1.0  # a peak must be the highest within this many spot sigmas
-_AUTO_CHUNK_VOXELS = 16_000_000
+_CROWD_RADIUS = 8.0  # faint peaks with _CROWD_COUNT spots within this many sigmas ...
+_CROWD_COUNT = 6  # ... are kept (see _add_crowded)
+_AUTO_CHUNK_VOXELS = 4_194_304  # ~50 B of work per voxel: ~250 MB per chunk (and thread)
+# A chunk keeps only the maxima above this share of the lowest threshold, in its own noise
+# sigmas (memory: most maxima are noise). Chunked runs equal a single block unless a
+# chunk's noise exceeds the image's by 1 / _CHUNK_FLOOR.
+_CHUNK_FLOOR = 0.6
 _AUTO_CHUNK_YX = 256
 
 
@@ -87,6 +100,7 @@ class SpotDetection:
     reference_amplitude : median amplitude of the detected spots (image units).
     n_clusters : blobs split into several spots.
     sigma_vox : spot sigma in voxels ``(z, y, x)`` (``z`` 0 for 2-D).
+    n_split : spots the fit's split test divided in two.
     """
 
     table: pl.DataFrame
@@ -95,6 +109,7 @@ class SpotDetection:
     reference_amplitude: float
     n_clusters: int
     sigma_vox: tuple[float, float, float]
+    n_split: int = 0
 
 
 def as_zyx_array(image: Any) -> tuple[Any, bool]:
@@ -146,11 +161,6 @@ def _unit_response(filters: Filters) -> float:
     return filters.unit_response()
 
 
-@functools.lru_cache(maxsize=32)
-def _point_extent(sigma: tuple[float, float, float]) -> float:
-    return point_extent(sigma)
-
-
 def _auto_threshold(z: np.ndarray, cfg: SpotDetectionConfig) -> float:
     n_low = int((z >= _LOW_SIGMA).sum())
     n_high = int((z >= _HIGH_SIGMA).sum())
@@ -161,12 +171,21 @@ def _auto_threshold(z: np.ndarray, cfg: SpotDetectionConfig) -> float:
     return cfg.faint_threshold_sigma + f * (cfg.bright_threshold_sigma - cfg.faint_threshold_sigma)
 
 
+def _release_freed_memory() -> None:
+    """Give freed heap memory back to the system: glibc keeps what the band-pass threads
+    freed in their arenas, which would count as the process's memory for the rest of
+    the run. A no-op where there is no glibc."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
 def _chunks(shape: tuple[int, int, int], cfg: SpotDetectionConfig) -> tuple[int, int, int]:
     if cfg.chunk_shape_zyx is not None:
         return tuple(min(c, s) for c, s in zip(cfg.chunk_shape_zyx, shape, strict=True))  # type: ignore[return-value]
     if math.prod(shape) <= _AUTO_CHUNK_VOXELS:
         return shape
-    return (shape[0], min(shape[1], _AUTO_CHUNK_YX), min(shape[2], _AUTO_CHUNK_YX))
+    yx = (min(shape[1], _AUTO_CHUNK_YX), min(shape[2], _AUTO_CHUNK_YX))
+    return (min(shape[0], max(1, _AUTO_CHUNK_VOXELS // math.prod(yx))), *yx)
 
 
 def _candidates(
@@ -174,58 +193,74 @@ def _candidates(
     filters: Filters,
     suppression: list[tuple[int, int, int]],
     chunks: tuple[int, int, int],
-) -> BlockCandidates:
+    gate_sigma: float,
+) -> tuple[BlockCandidates, float]:
+    """Candidates of the whole image above ``gate_sigma`` (the lowest threshold any
+    later step uses) noise sigmas, and the noise sigma, one block or chunk by chunk.
+
+    A single block knows the image's noise; a chunk keeps the maxima above
+    ``_CHUNK_FLOOR x gate_sigma`` of its own noise (so that memory does not grow with
+    all the maxima of the volume) and the gate is applied once the image's noise is
+    known (the result is the same)."""
     shape = tuple(int(s) for s in image.shape)
+    strides = noise_strides(shape)
     if chunks == shape:
         block = np.asarray(image[:])
         _check_finite(block)
         core = tuple(slice(0, s) for s in shape)
-        return block_candidates(block, core, (0, 0, 0), filters, suppression)  # type: ignore[arg-type]
+        cand = block_candidates(
+            block,
+            core,  # type: ignore[arg-type]
+            (0, 0, 0),
+            filters,
+            suppression,
+            gate_sigma,
+            strides,
+        )
+        return cand, robust_std(cand.noise_sample)
 
-    import dask.array as da
+    import dask
 
     reach = [max([abs(o[a]) for o in suppression] + [1]) for a in range(3)]
-    depth = tuple(
-        min(d + r, s - 1) if s > 1 else 0
-        for d, r, s in zip(filters.halo_depth(), reach, shape, strict=True)
-    )
-    arr = image if isinstance(image, da.Array) else da.from_array(image, chunks=chunks)
-    arr = arr.rechunk(chunks)
-    starts = [np.cumsum((0, *c[:-1])) for c in arr.chunks]
+    depth = [d + r for d, r in zip(filters.halo_depth(), reach, strict=True)]
 
-    def run(block: np.ndarray, block_info: dict | None = None) -> np.ndarray:
-        assert block_info is not None
-        loc = block_info[0]["chunk-location"]
-        core, origin = [], []
-        for a in range(3):
-            # boundary="none": no halo on the sides that are the volume's edges
-            left = depth[a] if loc[a] > 0 else 0
-            core.append(slice(left, left + arr.chunks[a][loc[a]]))
-            origin.append(int(starts[a][loc[a]]) - left)
+    def run(start: tuple[int, ...]) -> BlockCandidates:
+        stop = [min(b + c, s) for b, c, s in zip(start, chunks, shape, strict=True)]
+        # the chunk and its halo (none beyond the volume's faces)
+        lo = [max(0, b - d) for b, d in zip(start, depth, strict=True)]
+        hi = [min(s, e + d) for e, d, s in zip(stop, depth, shape, strict=True)]
+        block = image[tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))]
+        block = block.compute(scheduler="sync") if hasattr(block, "compute") else block
+        block = np.asarray(block)
         _check_finite(block)
-        out = np.empty((1, 1, 1), dtype=object)
-        out[0, 0, 0] = block_candidates(block, tuple(core), tuple(origin), filters, suppression)  # type: ignore[arg-type]
-        return out
+        core = tuple(slice(b - a, e - a) for a, b, e in zip(lo, start, stop, strict=True))
+        return block_candidates(
+            block,
+            core,  # type: ignore[arg-type]
+            tuple(lo),  # type: ignore[arg-type]
+            filters,
+            suppression,
+            _CHUNK_FLOOR * gate_sigma,
+            strides,
+        )
 
-    res = da.map_overlap(
-        run,
-        arr,
-        depth=depth,
-        boundary="none",
-        trim=False,
-        dtype=object,
-        chunks=(1, 1, 1),
-        meta=np.empty((0, 0, 0), dtype=object),
+    # One task per chunk, each reading its own region: no task waits for another, so
+    # memory is bounded by the chunks in flight (one per worker thread). The scheduler is
+    # the caller's: local threads by default, or a dask.distributed cluster when one is
+    # active (see integrations/dask.py).
+    np.asarray(image[0:1, 0:1, 0:1])  # a lazy reader sets itself up here, not in threads
+    task = dask.delayed(run, pure=False, name=f"spot-candidates-{id(image)}")
+    starts = itertools.product(*(range(0, s, c) for s, c in zip(shape, chunks, strict=True)))
+    parts = list(dask.compute(*[task(st) for st in starts]))
+    noise = robust_std(np.concatenate([p.noise_sample for p in parts]))
+    keep = [p.peak_value > gate_sigma * noise for p in parts]
+    cand = BlockCandidates(
+        peak_zyx=np.concatenate([p.peak_zyx[k] for p, k in zip(parts, keep, strict=True)]),
+        peak_offset=np.concatenate([p.peak_offset[k] for p, k in zip(parts, keep, strict=True)]),
+        peak_value=np.concatenate([p.peak_value[k] for p, k in zip(parts, keep, strict=True)]),
+        noise_sample=np.zeros(0, np.float32),
     )
-    # The scheduler is the caller's: local threads by default, or a dask.distributed
-    # cluster when one is active (see integrations/dask.py).
-    parts = list(np.asarray(res.compute()).ravel())
-    return BlockCandidates(
-        peak_zyx=np.concatenate([p.peak_zyx for p in parts]),
-        peak_offset=np.concatenate([p.peak_offset for p in parts]),
-        peak_value=np.concatenate([p.peak_value for p in parts]),
-        noise_sample=np.concatenate([p.noise_sample for p in parts]),
-    )
+    return cand, noise
 
 
 def detect_spots(
@@ -266,17 +301,18 @@ def detect_spots(
         progress(
             f"band-pass and local maxima, sigma {tuple(round(s, 2) for s in sigma)} voxels, chunks {chunks}"
         )
-    cand = _candidates(vol, filters, suppression, chunks)
-
-    sample = cand.noise_sample.astype(np.float64)
-    noise = float(1.4826 * np.median(np.abs(sample - np.median(sample)))) if sample.size else 0.0
-    if not noise > 0:
-        noise = float(sample.std()) if sample.size else 0.0
+    if cfg.threshold_sigma is not None:
+        lowest = cfg.threshold_sigma
+    else:
+        lowest = min(cfg.faint_threshold_sigma, cfg.bright_threshold_sigma, _LOW_SIGMA)
+    cand, noise = _candidates(vol, filters, suppression, chunks, 0.999 * lowest)
+    _release_freed_memory()
     if not noise > 0:  # a constant image
         empty = pl.DataFrame(schema=DETECTION_SCHEMA)
         return SpotDetection(empty, float("inf"), 0.0, float("nan"), 0, sigma)
     z = cand.peak_value.astype(np.float64) / noise
     t_sigma = cfg.threshold_sigma if cfg.threshold_sigma is not None else _auto_threshold(z, cfg)
+
     keep = z >= t_sigma
     pos = cand.peak_zyx[keep].astype(np.float64) + cand.peak_offset[keep]
     unit = _unit_response(filters)
@@ -299,12 +335,26 @@ def detect_spots(
             threshold_sigma=t_sigma,
             cfg=cfg,
         )
+    floor = np.full(len(pos), t_sigma)  # each spot's threshold, in noise sigmas
+    if cfg.threshold_sigma is None and len(pos):
+        pos, amp, zk, floor = _add_crowded(
+            cand, z, pos, amp, zk, floor, sigma=sigma, faint=cfg.faint_threshold_sigma, unit=unit
+        )
+    n_split = 0
+    if cfg.decompose and len(pos):
+        fitted = fit_spots(vol, pos, amp, sigma_vox=sigma, min_amplitude=floor * noise / unit)
+        pos, amp, floor = fitted.zyx, fitted.amplitude, fitted.min_amplitude * unit / noise
+        zk = amp * unit / noise
+        n_split = fitted.n_split
     if progress:
-        progress(f"threshold {t_sigma:.2f} sigma: {len(pos)} spots ({n_clusters} clusters split)")
+        progress(
+            f"threshold {t_sigma:.2f} sigma: {len(pos)} spots "
+            f"({n_clusters} clusters decomposed, {n_split} pairs split)"
+        )
     order = np.lexsort((pos[:, 2], pos[:, 1], pos[:, 0])) if len(pos) else np.zeros(0, np.int64)
-    pos, amp, zk = pos[order], amp[order], zk[order]
+    pos, amp, zk, floor = pos[order], amp[order], zk[order], floor[order]
     sizes = rasterize_spots(pos, shape, sigma_vox=sigma).sizes
-    score = 1.0 / (1.0 + np.exp(-(zk - t_sigma)))
+    score = 1.0 / (1.0 + np.exp(-(zk - floor)))
     table = pl.DataFrame(
         {
             "spot_id": np.arange(1, len(pos) + 1, dtype=np.uint32),
@@ -317,7 +367,42 @@ def detect_spots(
         },
         schema=DETECTION_SCHEMA,
     )
-    return SpotDetection(table, float(t_sigma), noise, reference, n_clusters, sigma)
+    return SpotDetection(table, float(t_sigma), noise, reference, n_clusters, sigma, n_split)
+
+
+def _add_crowded(
+    cand: BlockCandidates,
+    z: np.ndarray,
+    pos: np.ndarray,
+    amp: np.ndarray,
+    zk: np.ndarray,
+    floor: np.ndarray,
+    *,
+    sigma: tuple[float, float, float],
+    faint: float,
+    unit: float,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Add the peaks between the faint and the image's threshold that lie where spots
+    crowd: at least ``_CROWD_COUNT`` spots within ``_CROWD_RADIUS`` spot sigmas.
+
+    The automatic threshold is set for the image as a whole; where spots crowd (a cell
+    full of transcripts), a faint peak is much more likely a spot than background
+    structure, which is spread over the cells. These peaks keep the faint threshold.
+    """
+    band = (z >= faint) & (z < floor.min())
+    if not band.any():
+        return pos, amp, zk, floor
+    scale = np.where(np.asarray(sigma) > 0, 1.0 / np.maximum(np.asarray(sigma), 1e-9), 0.0)
+    bpos = cand.peak_zyx[band].astype(np.float64) + cand.peak_offset[band]
+    hits = cKDTree(pos * scale).query_ball_point(bpos * scale, _CROWD_RADIUS, return_length=True)
+    crowded = np.asarray(hits) >= _CROWD_COUNT
+    n = int(crowded.sum())
+    return (
+        np.concatenate([pos, bpos[crowded]]),
+        np.concatenate([amp, cand.peak_value[band][crowded].astype(np.float64) / unit]),
+        np.concatenate([zk, z[band][crowded]]),
+        np.concatenate([floor, np.full(n, faint)]),
+    )
 
 
 def _decompose(
@@ -334,57 +419,48 @@ def _decompose(
     cfg: SpotDetectionConfig,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
     """Replace the peaks of cluster blobs by the spots each blob holds."""
-    ref_extent = _point_extent(sigma)
     order = np.argsort(-amp, kind="stable")
     # Blobs worth testing: brighter than one spot, and far enough above the threshold that
     # their shape is measured, not guessed from noise.
-    bright = [
-        int(i)
-        for i in order
-        if amp[i] >= _BLOB_FACTOR * reference and zk[i] >= _BLOB_SIGMA_FACTOR * threshold_sigma
+    bright = order[
+        (amp[order] >= _BLOB_FACTOR * reference)
+        & (zk[order] >= _BLOB_SIGMA_FACTOR * threshold_sigma)
     ]
-    if not bright:
+    if not len(bright):
         return pos, amp, zk, 0
+    blobs = decompose_blobs(
+        vol,
+        peaks[bright],
+        sigma_vox=sigma,
+        reference_amplitude=reference,
+        reference_extent=point_extent(sigma),
+        extent_ratio=cfg.cluster_extent_ratio,
+    )
     peak_flat = np.ravel_multi_index(tuple(peaks.T), shape)
     by_flat = np.argsort(peak_flat)
     sorted_flat = peak_flat[by_flat]
     removed = np.zeros(len(pos), dtype=bool)
-    new_pos, new_amp, new_z = [], [], []
-    n_clusters = 0
-
-    def read(key: tuple[slice, ...]) -> np.ndarray:
-        return np.asarray(vol[key])
-
-    for i in bright:
+    starts = np.searchsorted(blobs.spot_blob, np.arange(len(bright) + 1))
+    new: list[int] = []
+    # brightest first: a blob whose peak an earlier cluster absorbed is not a blob of its own
+    for b in np.unique(blobs.spot_blob):
+        i = bright[b]
         if removed[i]:
             continue
-        blob = decompose_blob(
-            read,
-            shape,  # type: ignore[arg-type]
-            peaks[i],
-            sigma_vox=sigma,
-            reference_amplitude=reference,
-            reference_extent=ref_extent,
-            extent_ratio=cfg.cluster_extent_ratio,
-        )
-        if len(blob.spots_zyx) == 0:
-            continue
-        region_flat = np.ravel_multi_index(tuple(blob.region_zyx.T), shape)
+        region_flat = blobs.region_flat(int(b))
         at = np.clip(np.searchsorted(sorted_flat, region_flat), 0, len(sorted_flat) - 1)
         hit = by_flat[at[sorted_flat[at] == region_flat]]
         absorbed = hit[~removed[hit]]
-        if len(blob.spots_zyx) <= len(absorbed):
+        if starts[b + 1] - starts[b] <= len(absorbed):
             continue  # the peaks already found account for the blob
         removed[absorbed] = True
-        n_clusters += 1
-        new_pos.append(blob.spots_zyx)
-        new_amp.append(blob.amplitudes)
-        new_z.append(np.full(len(blob.spots_zyx), zk[i]))
-    if not new_pos:
+        new.append(int(b))
+    if not new:
         return pos, amp, zk, 0
+    take = np.concatenate([np.arange(starts[b], starts[b + 1]) for b in new])
     return (
-        np.concatenate([pos[~removed], *new_pos]),
-        np.concatenate([amp[~removed], *new_amp]),
-        np.concatenate([zk[~removed], *new_z]),
-        n_clusters,
+        np.concatenate([pos[~removed], blobs.spots_zyx[take]]),
+        np.concatenate([amp[~removed], blobs.amplitudes[take]]),
+        np.concatenate([zk[~removed], zk[bright[blobs.spot_blob[take]]]]),
+        len(new),
     )

@@ -15,6 +15,8 @@ import numpy as np
 
 __all__ = ["RasterizedSpots", "rasterize_spots"]
 
+_BATCH = 8192  # spots rasterized together
+
 
 @dataclass(frozen=True)
 class RasterizedSpots:
@@ -58,16 +60,19 @@ def rasterize_spots(
     sig = np.asarray(sigma_vox, dtype=np.float64)
     reach = [int(np.ceil(s)) + 1 if s > 0 else 0 for s in sig]
     offsets = np.array(list(itertools.product(*[range(-r, r + 1) for r in reach])), dtype=np.int64)
-    rounded = np.clip(np.rint(centres).astype(np.int64), 0, np.array(shape) - 1)
-    vox = rounded[:, None, :] + offsets[None]  # (n, k, 3)
     inv = np.where(sig > 0, 1.0 / np.where(sig > 0, sig, 1.0), 0.0)
-    d = np.sqrt((((vox - centres[:, None, :]) * inv) ** 2).sum(axis=2))
     centre_off = np.all(offsets == 0, axis=1)
-    d[:, centre_off] = -1.0  # the centre voxel is always the spot's own
-    inside = (d <= 1.0) & np.all((vox >= 0) & (vox < np.array(shape)), axis=2)
-    spot = np.broadcast_to(np.arange(n)[:, None], d.shape)[inside]
-    flat = np.ravel_multi_index(tuple(vox[inside].T), shape)
-    dist = d[inside]
+    parts = []
+    for start in range(0, n, _BATCH):  # batches: the (spots, offsets, 3) arrays stay small
+        c = centres[start : start + _BATCH]
+        rounded = np.clip(np.rint(c).astype(np.int64), 0, np.array(shape) - 1)
+        vox = rounded[:, None, :] + offsets[None]  # (batch, k, 3)
+        d = np.sqrt((((vox - c[:, None, :]) * inv) ** 2).sum(axis=2))
+        d[:, centre_off] = -1.0  # the centre voxel is always the spot's own
+        inside = (d <= 1.0) & np.all((vox >= 0) & (vox < np.array(shape)), axis=2)
+        spot = np.broadcast_to(np.arange(start, start + len(c))[:, None], d.shape)[inside]
+        parts.append((np.ravel_multi_index(tuple(vox[inside].T), shape), spot, d[inside]))
+    flat, spot, dist = (np.concatenate(p) for p in zip(*parts, strict=True))
     order = np.lexsort((spot, dist, flat))
     flat, spot = flat[order], spot[order]
     first = np.ones(len(flat), dtype=bool)

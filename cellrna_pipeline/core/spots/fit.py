@@ -1,0 +1,664 @@
+"""Joint Gaussian fitting of detected spots and the split test that resolves close pairs.
+
+Near the spots, the image is modelled as ``I(v) = b_i + sum_j a_j g(v - p_j)``: every spot
+``j`` a Gaussian of the known PSF sigma (peak ``a_j`` at sub-voxel ``p_j``) over a local
+background ``b_i``, constant in the window of spot ``i`` (``+-2 sigma`` per axis). The fit
+follows crowded-field photometry (DAOPHOT's ALLSTAR and its successors):
+
+1. **Refinement** (Gauss-Seidel): each spot's ``(a, b, p)`` gets a damped Gauss-Newton step
+   on its window with every other spot's model subtracted. Spots whose windows overlap are
+   never updated together (lattice colouring): updated at once (Jacobi), two overlapping
+   spots both claim the light they share and the fit oscillates.
+2. **Split test** (likelihood ratio with a noise variance estimated from all windows):
+   two Gaussians are fitted to each tested window (Levenberg-Marquardt, started either
+   side of the centre along the principal axis of the window's light) and replace the one
+   when the residual sum of squares drops by at least ``min_delta_chi2`` noise variances
+   and both halves are plausible spots (at least ``min_child_fraction`` of the median
+   spot, and each above the detection threshold on its own). This resolves pairs closer
+   than the PSF and the weaker spot on a brighter one's flank. The halves are tested
+   again in the next round (triples, small clusters).
+3. **Pruning**: spots whose fitted amplitude fell below the detection threshold (two
+   spots sharing one, a noise peak on a bright spot's flank) are removed, the weakest
+   of neighbours first, and their neighbours refitted.
+
+Everything works on the image values under the windows, read point-wise from the (maybe
+lazy, chunked) volume, so memory is bounded by the number of spots and the result does
+not depend on chunking (spots are processed in position order).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from scipy.spatial import cKDTree
+
+__all__ = ["FitSettings", "SpotFit", "fit_spots", "gather"]
+
+_WINDOW_SIGMAS = 2.0  # a spot's window: +-2 sigma per axis (at least one voxel)
+_MAX_STEP_SIGMAS = 0.5  # one refinement step moves a spot at most this far per axis
+_SPLIT_START_SIGMAS = 0.6  # the two halves start this far either side of the centre
+_LM_ITERATIONS = 8
+_LM_TOLERANCE = 0.05  # a split fit has converged when a step gains < 0.05 noise variances
+_LM_HOPELESS_AFTER = 3
+_DAMPING = 0.1  # Gauss-Newton steps of the refinement: Marquardt damping
+_EPS = 1e-9
+_DENSE_POOL_VOXELS = 8_000_000  # in-memory images up to this size are used whole
+_NOISE_MODEL_VOXELS = 4_000_000  # the noise model reads at most about this many voxels
+_SPLIT_BATCH = 8192
+_WINDOW_BATCH = 16384  # spots whose windows are looked up (and read) together  # windows fitted together by the split test (memory)
+_GATHER_TILE = (32, 128, 2048)  # lazy slice-only arrays are read one such box at a time
+
+
+@dataclass(frozen=True)
+class FitSettings:
+    """Parameters of :func:`fit_spots` (see the module docstring).
+
+    Attributes
+    ----------
+    min_delta_chi2 : split when the residual sum of squares drops by this many noise
+        variances (two Gaussians have 4 more parameters than one).
+    min_child_fraction : each half of a split is at least this share of the median spot.
+    split_rounds : rounds of split tests (round ``k`` tests the halves of round ``k-1``).
+    refine_sweeps : Gauss-Seidel sweeps at the start and after each split round.
+    prune_rounds : rounds of removing spots below the threshold and refitting.
+    """
+
+    min_delta_chi2: float = 10.0
+    min_child_fraction: float = 0.4
+    split_rounds: int = 3
+    refine_sweeps: int = 2
+    prune_rounds: int = 2
+
+
+@dataclass(frozen=True)
+class SpotFit:
+    """Result of :func:`fit_spots`.
+
+    Attributes
+    ----------
+    zyx : ``(n, 3)`` float64 fitted sub-voxel centres (voxels; ``z`` 0 for 2-D), in
+        position order.
+    amplitude : ``(n,)`` float64 fitted peak amplitude above the local background.
+    min_amplitude : ``(n,)`` float64 each spot's threshold (inherited by split halves).
+    n_split : spots added by split tests.
+    n_pruned : spots removed by pruning.
+    noise_var : background noise variance per voxel (image units squared).
+    gain : noise variance per unit of signal (shot noise; image units).
+    """
+
+    zyx: np.ndarray
+    amplitude: np.ndarray
+    min_amplitude: np.ndarray
+    n_split: int
+    n_pruned: int
+    noise_var: float
+    gain: float
+
+
+def gather(vol: Any, zyx: np.ndarray) -> np.ndarray:
+    """Values of ``vol`` at the integer voxels ``zyx`` ``(m, 3)``, as float64 ``(m,)``.
+
+    numpy arrays and memory maps are indexed directly; zarr and dask arrays (anything
+    with ``vindex``) point-wise, chunk by chunk; any other array that supports basic
+    slicing (a lazy file reader) one box per tile of ``_GATHER_TILE`` voxels that holds
+    points (the box around that tile's points), so at most one tile is in memory.
+    """
+    idx = tuple(np.ascontiguousarray(zyx[:, a]) for a in range(3))
+    if isinstance(vol, np.ndarray):
+        return np.asarray(vol[idx], dtype=np.float64)
+    if hasattr(vol, "vindex"):
+        out = vol.vindex[idx]
+        if hasattr(out, "compute"):
+            out = out.compute()
+        return np.asarray(out, dtype=np.float64)
+    out = np.empty(len(zyx), dtype=np.float64)
+    tile = np.ravel_multi_index(
+        tuple((zyx // _GATHER_TILE).T),
+        tuple(int(s) // t + 1 for s, t in zip(vol.shape, _GATHER_TILE, strict=True)),
+    )
+    order = np.argsort(tile, kind="stable")
+    cuts = np.flatnonzero(np.diff(tile[order])) + 1
+    for rows in np.split(order, cuts):
+        pts = zyx[rows]
+        lo, hi = pts.min(axis=0), pts.max(axis=0) + 1
+        box = np.asarray(vol[tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))])
+        out[rows] = box[tuple((pts - lo).T)]
+    return out
+
+
+class _Pool:
+    """Image values at the voxels under the windows, each voxel read once.
+
+    A voxel's slot never changes once given (new voxels are appended); slot 0 is a dummy
+    (value 0) standing for voxels outside the volume (their weight is 0). An in-memory
+    image up to ``_DENSE_POOL_VOXELS`` is used whole (slot = flat index, no look-ups).
+    """
+
+    def __init__(self, vol: Any, shape: tuple[int, ...]) -> None:
+        self.vol = vol
+        self.shape = shape
+        self.dense = isinstance(vol, np.ndarray) and int(np.prod(shape)) <= _DENSE_POOL_VOXELS
+        if self.dense:  # slot = flat index; outside voxels read voxel 0 with weight 0
+            self.vals = np.ascontiguousarray(vol).reshape(-1)
+        else:
+            self.vals = np.zeros(1)
+            self.ids = np.array([-1], dtype=np.int64)  # flat voxel id of each slot
+            self._sorted = self.ids.copy()
+            self._order = np.zeros(1, dtype=np.int64)
+
+    def slots(self, flat: np.ndarray) -> np.ndarray:
+        """Slots of flat voxel ids (``-1``: outside, slot 0), reading new voxels."""
+        if self.dense:
+            return np.maximum(flat, 0)
+        pos = np.minimum(np.searchsorted(self._sorted, flat), len(self._sorted) - 1)
+        missing = self._sorted[pos] != flat
+        if missing.any():
+            new = np.sort(flat[missing])
+            new = new[np.r_[True, new[1:] != new[:-1]]]
+            zyx = np.stack(np.unravel_index(new, self.shape), axis=1)
+            self.vals = np.concatenate([self.vals, gather(self.vol, zyx)])
+            self.ids = np.concatenate([self.ids, new])
+            self._order = np.argsort(self.ids, kind="stable")
+            self._sorted = self.ids[self._order]
+            pos = np.searchsorted(self._sorted, flat)
+        return self._order[pos]
+
+
+class _Gauss:
+    """Unit Gaussians of a batch of spots on their windows (product grids).
+
+    ``g`` ``(n, kz, ky, kx)``; ``du[a]`` is ``(v_a - p_a) / sigma_a^2`` shaped to
+    broadcast against ``g`` (``g * du[a]`` is the derivative of ``g`` in ``p_a``).
+    """
+
+    def __init__(self, model: _Model, zyx: np.ndarray, centres: np.ndarray) -> None:
+        n = len(zyx)
+        g: np.ndarray = np.ones((n, 1, 1, 1), dtype=np.float32)
+        self.du = []
+        for a in range(3):
+            u = centres[:, a, None] + model.offsets[a][None] - zyx[:, a, None]
+            sh = [n, 1, 1, 1]
+            sh[a + 1] = u.shape[1]
+            g = g * np.exp(-0.5 * model.inv2[a] * u * u).astype(np.float32).reshape(sh)
+            self.du.append((u * model.inv2[a]).astype(np.float32).reshape(sh))
+        self.g = g
+
+    def flat(self) -> np.ndarray:
+        return self.g.reshape(len(self.g), -1)
+
+    def derivative(self, a: int, scale: np.ndarray) -> np.ndarray:
+        """``scale[:, None] * g * du[a]`` flattened ``(n, k)``."""
+        factor = self.du[a] * scale.astype(np.float32)[:, None, None, None]
+        return (self.g * factor).reshape(len(self.g), -1)
+
+
+class _Model:
+    """Spots (centre, amplitude, background), their windows and the summed model.
+
+    A window is the product grid ``centre + offsets_z x offsets_y x offsets_x`` around
+    the spot's rounded centre, so its Gaussian is an outer product of three 1-D ones.
+    """
+
+    def __init__(self, vol: Any, sigma_vox: tuple[float, float, float]) -> None:
+        self.pool = _Pool(vol, tuple(int(s) for s in vol.shape))
+        self.sigma = np.asarray(sigma_vox, dtype=np.float64)
+        self.inv2 = np.where(self.sigma > 0, 1.0 / np.maximum(self.sigma, _EPS) ** 2, 0.0)
+        self.reach = np.array(
+            [0 if s <= 0 else max(1, round(_WINDOW_SIGMAS * s)) for s in sigma_vox]
+        )
+        self.offsets = [np.arange(-r, r + 1) for r in self.reach]
+        self.grid = tuple(len(o) for o in self.offsets)
+        self.k = int(np.prod(self.grid))
+
+    # --- state -----------------------------------------------------------------
+    def set(
+        self, zyx: np.ndarray, amp: np.ndarray, bg: np.ndarray, floor: np.ndarray
+    ) -> np.ndarray:
+        """Replace the spots (stored in position order); returns each input's row.
+
+        ``floor``: the smallest fitted amplitude each spot may keep (its threshold).
+        """
+        order = np.lexsort((zyx[:, 2], zyx[:, 1], zyx[:, 0]))
+        self.zyx = np.array(zyx[order], dtype=np.float64)
+        self.amp = np.array(amp[order], dtype=np.float64)
+        self.bg = np.array(bg[order], dtype=np.float64)
+        self.floor = np.array(floor[order], dtype=np.float64)
+        self.centres = np.rint(self.zyx).astype(np.int64)
+        self.slot, self.weight = self._windows(self.centres)
+        self.model = np.zeros(len(self.pool.vals))
+        spots = self.amp[:, None] * self.gauss(np.arange(len(self.zyx))) * self.weight
+        np.add.at(self.model, self.slot.ravel(), spots.ravel())  # 1-D: numpy's fast path
+        rows = np.empty(len(order), dtype=np.int64)
+        rows[order] = np.arange(len(order))
+        return rows
+
+    def _windows(self, centres: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Pool slots ``(n, k)`` and in-volume weights ``(n, k)`` of windows at ``centres``
+        (in batches of ``_WINDOW_BATCH`` spots: the look-ups and reads stay small)."""
+        parts = [
+            self._window_batch(centres[i : i + _WINDOW_BATCH])
+            for i in range(0, max(len(centres), 1), _WINDOW_BATCH)
+        ]
+        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+    def _window_batch(self, centres: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        n = len(centres)
+        shape = self.pool.shape
+        strides = (shape[1] * shape[2], shape[2], 1)
+        flat: np.ndarray = np.zeros((n, 1, 1, 1), dtype=np.int64)
+        inside = np.ones((n, 1, 1, 1), dtype=bool)
+        for a in range(3):
+            v = centres[:, a, None] + self.offsets[a][None]
+            sh = [n, 1, 1, 1]
+            sh[a + 1] = len(self.offsets[a])
+            flat = flat + (v * strides[a]).reshape(sh)
+            inside = inside & ((v >= 0) & (v < shape[a])).reshape(sh)
+        flat = np.where(inside, flat, -1).reshape(n, self.k)
+        return self.pool.slots(flat), inside.reshape(n, self.k).astype(np.float64)
+
+    def recentre(self) -> None:
+        """New windows for the spots whose rounded centre changed (the model moves its
+        Gaussians from their old windows to their new ones)."""
+        centres = np.rint(self.zyx).astype(np.int64)
+        moved = np.flatnonzero(np.any(centres != self.centres, axis=1))
+        if not len(moved):
+            return
+        old = self.amp[moved, None] * self.gauss(moved) * self.weight[moved]
+        np.subtract.at(self.model, self.slot[moved].ravel(), old.ravel())
+        self.centres[moved] = centres[moved]
+        self.slot[moved], self.weight[moved] = self._windows(centres[moved])
+        if len(self.model) < len(self.pool.vals):  # the pool read new voxels
+            self.model = np.concatenate(
+                [self.model, np.zeros(len(self.pool.vals) - len(self.model))]
+            )
+        new = self.amp[moved, None] * self.gauss(moved) * self.weight[moved]
+        np.add.at(self.model, self.slot[moved].ravel(), new.ravel())
+
+    def gauss(self, rows: np.ndarray) -> np.ndarray:
+        """Unit Gaussians of ``rows`` on their windows, ``(n, k)``."""
+        return _Gauss(self, self.zyx[rows], self.centres[rows]).flat()
+
+    def window_data(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Image minus every other spot on the windows of ``rows``, and the unit Gaussian."""
+        g = self.gauss(rows)
+        own = self.amp[rows, None] * g * self.weight[rows]
+        slot = self.slot[rows]
+        return self.pool.vals[slot] - self.model[slot] + own, g
+
+    # --- refinement ----------------------------------------------------------------
+    def colours(self, rows: np.ndarray) -> list[np.ndarray]:
+        """``rows`` in classes whose windows do not overlap: independent sets of the
+        overlap graph (Jones-Plassmann: a spot joins the current class when its priority,
+        a hash of its voxel, beats that of every neighbour not yet in a class)."""
+        scale = 1.0 / np.maximum(2 * self.reach, 1)
+        pairs = cKDTree(self.centres[rows] * scale).query_pairs(
+            r=1.0, p=np.inf, output_type="ndarray"
+        )
+        if not len(pairs):
+            return [rows]
+        c = self.centres[rows].astype(np.uint64)
+        prio = (c[:, 0] * np.uint64(73856093)) ^ (c[:, 1] * np.uint64(19349663))
+        prio = (prio ^ (c[:, 2] * np.uint64(83492791))) % np.uint64(1 << 40)
+        key = prio * np.uint64(len(rows)) + np.arange(len(rows), dtype=np.uint64)
+        i, j = pairs[:, 0], pairs[:, 1]
+        low = np.where(key[i] < key[j], i, j)  # of each pair, the one that waits
+        high = np.where(key[i] < key[j], j, i)
+        src = np.concatenate([i, j])  # both directions, for the colours in use
+        dst = np.concatenate([j, i])
+        degree = np.bincount(src, minlength=len(rows))
+        used = np.zeros((len(rows), int(degree.max()) + 1), dtype=bool)
+        colour = np.full(len(rows), -1)
+        open_ = np.ones(len(rows), dtype=bool)
+        while open_.any():
+            blocked = np.zeros(len(rows), dtype=bool)
+            blocked[low[open_[low] & open_[high]]] = True
+            chosen = open_ & ~blocked
+            # each takes the smallest colour none of its coloured neighbours has
+            colour[chosen] = np.argmin(used[chosen], axis=1)
+            open_ &= ~chosen
+            tell = chosen[src]
+            used[dst[tell], colour[src[tell]]] = True
+        order = np.argsort(colour, kind="stable")
+        cuts = np.flatnonzero(np.diff(colour[order])) + 1
+        classes = np.split(rows[order], cuts)
+        return classes
+
+    def sweep(self, classes: list[np.ndarray]) -> None:
+        """One Gauss-Seidel sweep: a damped Gauss-Newton step on each spot's
+        ``(a, b, p)``, class by class, on unchanged windows."""
+        lim = _MAX_STEP_SIGMAS * self.sigma
+        for cls in classes:
+            gs = _Gauss(self, self.zyx[cls], self.centres[cls])
+            g = gs.flat()
+            wt = self.weight[cls]
+            slot = self.slot[cls]
+            a, b = self.amp[cls], self.bg[cls]
+            old = a[:, None] * g * wt
+            # the model holds this spot too: data minus everything minus the background
+            resid = ((self.pool.vals[slot] - self.model[slot] - b[:, None]) * wt).astype(np.float32)
+            scale = np.maximum(a, _EPS)
+            jac = np.empty((len(cls), 5, self.k), dtype=np.float32)
+            np.multiply(g, wt, out=jac[:, 0])
+            jac[:, 1] = wt
+            for ax in range(3):
+                np.multiply(gs.derivative(ax, scale), wt, out=jac[:, 2 + ax])
+            step = _damped_step(jac, resid, _DAMPING)
+            self.amp[cls] = np.maximum(a + step[:, 0], 0.0)
+            self.bg[cls] = b + step[:, 1]
+            self.zyx[cls] += np.clip(step[:, 2:], -lim, lim)
+            new = self.amp[cls, None] * self.gauss(cls) * wt
+            np.add.at(self.model, slot.ravel(), (new - old).ravel())
+
+    def refine(self, rows: np.ndarray, sweeps: int) -> None:
+        """Gauss-Seidel sweeps over ``rows`` (classes from the windows at the start; a
+        window that moves in between may overlap one of its class: still correct, the
+        model is updated with unbuffered adds, only less damped)."""
+        if not len(rows):
+            return
+        classes = self.colours(rows)
+        for _ in range(sweeps):
+            self.sweep(classes)
+            self.recentre()
+
+    def neighbours(self, rows: np.ndarray) -> np.ndarray:
+        """Spots whose windows overlap those of ``rows`` (``rows`` included)."""
+        if not len(rows):
+            return rows
+        scale = 1.0 / np.maximum(2 * self.reach, 1)
+        hits = cKDTree(self.centres * scale).query_ball_point(
+            self.centres[rows] * scale, r=1.0, p=np.inf
+        )
+        return np.unique(np.concatenate([np.asarray(h, dtype=np.int64) for h in hits]))
+
+
+def _damped_step(jac: np.ndarray, resid: np.ndarray, damping: np.ndarray | float) -> np.ndarray:
+    """Levenberg-Marquardt steps for a batch: ``jac`` ``(n, m, k)``, ``resid`` ``(n, k)``."""
+    jtj = (jac @ jac.transpose(0, 2, 1)).astype(np.float64)
+    jtr = (jac @ resid[..., None])[..., 0].astype(np.float64)
+    diag = np.einsum("nii->ni", jtj)
+    damp = np.asarray(damping, dtype=np.float64).reshape(-1, 1) * diag + _EPS
+    jtj = jtj + damp[:, :, None] * np.eye(jac.shape[1])
+    return np.linalg.solve(jtj, jtr[..., None])[..., 0]
+
+
+def _split_start(model: _Model, rows: np.ndarray, data: np.ndarray) -> np.ndarray:
+    """Two-spot start per window, ``(n, 9)`` ``[a1, p1, a2, p2, b]``: either side of the
+    centre along the principal axis of the window's light (in sigma units)."""
+    n = len(rows)
+    sigma = model.sigma
+    pos, amp, bg = model.zyx[rows], model.amp[rows], model.bg[rows]
+    light = (np.maximum(data - bg[:, None], 0.0) * model.weight[rows]).reshape(n, *model.grid)
+    total = light.reshape(n, -1).sum(axis=1) + _EPS
+    du = _Gauss(model, pos, model.centres[rows]).du  # (v - p) / sigma^2
+    coords = [du[a] * sigma[a] for a in range(3)]  # (v - p) / sigma, broadcastable
+    mean = (
+        np.stack([(light * c).reshape(n, -1).sum(axis=1) for c in coords], axis=1) / total[:, None]
+    )
+    cov = np.empty((n, 3, 3))
+    for i in range(3):
+        for j in range(i, 3):
+            ci = coords[i] - mean[:, i, None, None, None]
+            cj = coords[j] - mean[:, j, None, None, None]
+            cov[:, i, j] = cov[:, j, i] = (light * ci * cj).reshape(n, -1).sum(axis=1) / total
+    axis = np.linalg.eigh(cov + _EPS * np.eye(3))[1][:, :, -1] * sigma
+    return np.concatenate(
+        [
+            (0.55 * amp)[:, None],
+            pos + _SPLIT_START_SIGMAS * axis,
+            (0.55 * amp)[:, None],
+            pos - _SPLIT_START_SIGMAS * axis,
+            bg[:, None],
+        ],
+        axis=1,
+    )
+
+
+def _lm_fit(
+    model: _Model,
+    centres: np.ndarray,
+    data: np.ndarray,
+    wt: np.ndarray,
+    params: np.ndarray,
+    hopeless: tuple[np.ndarray, float] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """One or two Gaussians and a background per window (Levenberg-Marquardt).
+
+    ``centres`` ``(n, 3)``: the windows; ``data`` ``(n, k)``; ``wt`` ``(n, k)``: square
+    roots of the voxels' weights (0 outside the volume), so that residual sums of
+    squares are in noise variances; ``params`` ``(n, 4 m + 1)``: the start, ``[a, p]``
+    per spot then the background. A window stops when a step gains less than
+    ``_LM_TOLERANCE``; with ``hopeless = (chi2_ref, min_gain)``, also after
+    ``_LM_HOPELESS_AFTER`` steps when it is less than a quarter of ``min_gain`` below
+    ``chi2_ref``. Returns the fitted parameters and residual sums of squares ``(n,)``.
+    """
+    m = (params.shape[1] - 1) // 4
+    params = params.copy()
+    lim = np.r_[np.tile(np.r_[np.inf, model.sigma], m), np.inf]
+    data = data.astype(np.float32)
+    wt = wt.astype(np.float32)
+
+    def evaluate(p: np.ndarray, i: np.ndarray) -> tuple[np.ndarray, list[_Gauss]]:
+        gs = [_Gauss(model, p[:, 4 * s + 1 : 4 * s + 4], centres[i]) for s in range(m)]
+        q = p.astype(np.float32)
+        r = data[i] - q[:, -1, None]
+        for s, g in enumerate(gs):
+            r -= q[:, 4 * s, None] * g.flat()
+        return r * wt[i], gs
+
+    rows = np.arange(len(params))
+    resid, gs = evaluate(params, rows)
+    cost = (resid * resid).sum(axis=1, dtype=np.float64)
+    lam = np.full(len(params), 1e-2)
+    active = rows
+    for it in range(_LM_ITERATIONS):
+        if not len(active):
+            break
+        i = active
+        w = wt[i]
+        p = params[i]
+        jac = np.empty((len(i), 4 * m + 1, model.k), dtype=np.float32)
+        for s, g in enumerate(gs):
+            np.multiply(g.flat(), w, out=jac[:, 4 * s])
+            for ax in range(3):
+                np.multiply(g.derivative(ax, p[:, 4 * s]), w, out=jac[:, 4 * s + 1 + ax])
+        jac[:, -1] = w
+        trial = p + np.clip(_damped_step(jac, resid, lam[i]), -lim, lim)
+        t_resid, t_gs = evaluate(trial, i)
+        new = (t_resid * t_resid).sum(axis=1, dtype=np.float64)
+        ok = new < cost[i]
+        gain = np.where(ok, cost[i] - new, 0.0)
+        params[i[ok]] = trial[ok]
+        cost[i[ok]] = new[ok]
+        lam[i] = np.where(ok, lam[i] * 0.3, lam[i] * 10.0)
+        # Gaussians and residuals of the current parameters, for the next step
+        resid = np.where(ok[:, None], t_resid, resid)
+        gs = [_merge(g, t, ok) for g, t in zip(gs, t_gs, strict=True)]
+        go = ~(ok & (gain < _LM_TOLERANCE)) & (lam[i] < 1e6)
+        if hopeless is not None and it + 1 >= _LM_HOPELESS_AFTER:
+            go &= hopeless[0][i] - cost[i] >= 0.25 * hopeless[1]
+        active = i[go]
+        resid, gs = resid[go], [_take(g, go) for g in gs]
+    return params, cost
+
+
+def _merge(old: _Gauss, new: _Gauss, ok: np.ndarray) -> _Gauss:
+    """``new`` where ``ok``, else ``old`` (row-wise)."""
+    m = ok[:, None, None, None]
+    out = object.__new__(_Gauss)
+    out.g = np.where(m, new.g, old.g)
+    out.du = [np.where(m, nd, od) for nd, od in zip(new.du, old.du, strict=True)]
+    return out
+
+
+def _take(gs: _Gauss, rows: np.ndarray) -> _Gauss:
+    out = object.__new__(_Gauss)
+    out.g = gs.g[rows]
+    out.du = [d[rows] for d in gs.du]
+    return out
+
+
+def fit_spots(
+    vol: Any,
+    zyx: np.ndarray,
+    amplitude: np.ndarray,
+    *,
+    sigma_vox: tuple[float, float, float],
+    min_amplitude: float | np.ndarray,
+    settings: FitSettings | None = None,
+) -> SpotFit:
+    """Fit all spots jointly, split unresolved pairs, drop spots below the threshold.
+
+    Parameters
+    ----------
+    vol : ``(z, y, x)`` image (numpy, memory map, zarr or dask; read point-wise).
+    zyx : ``(n, 3)`` starting sub-voxel centres (voxels).
+    amplitude : ``(n,)`` starting peak amplitudes above background (image units).
+    sigma_vox : PSF sigma in voxels (``z`` 0 for a 2-D image).
+    min_amplitude : the detection threshold as a fitted amplitude (image units), one for
+        all spots or ``(n,)``: every half of a split and every spot kept must reach it.
+    settings : split and pruning parameters.
+
+    Returns
+    -------
+    SpotFit, spots in position order.
+    """
+    cfg = settings or FitSettings()
+    if len(zyx) == 0:
+        return SpotFit(np.zeros((0, 3)), np.zeros(0), np.zeros(0), 0, 0, float("nan"), float("nan"))
+    model = _Model(vol, sigma_vox)
+    floor = np.broadcast_to(np.asarray(min_amplitude, dtype=np.float64), (len(zyx),))
+    model.set(np.asarray(zyx, dtype=np.float64), np.asarray(amplitude), np.zeros(len(zyx)), floor)
+    model.refine(np.arange(len(model.zyx)), cfg.refine_sweeps)
+    reference = float(np.median(model.amp))
+    noise_var, gain = _noise_model(model)
+
+    n_split = 0
+    test = np.arange(len(model.zyx))
+    for _ in range(cfg.split_rounds):
+        if not len(test):
+            break
+        parts = [
+            _split_fit(model, test[i : i + _SPLIT_BATCH], noise_var, gain, cfg.min_delta_chi2)
+            for i in range(0, len(test), _SPLIT_BATCH)
+        ]
+        two, chi2_one, chi2_two = (np.concatenate(p) for p in zip(*parts, strict=True))
+        a1, p1, a2, p2 = two[:, 0], two[:, 1:4], two[:, 4], two[:, 5:8]
+        # misfit beyond the noise model (texture, a wrong PSF) scales the test up
+        scale = np.maximum(1.0, chi2_two / np.maximum(model.weight[test].sum(axis=1) - 9, 1))
+        accept = (chi2_one - chi2_two >= cfg.min_delta_chi2 * scale) & (
+            np.minimum(a1, a2) >= np.maximum(cfg.min_child_fraction * reference, model.floor[test])
+        )
+        for p in (p1, p2):  # both halves in the window, else one is a neighbour's light
+            accept &= np.all(np.abs(p - model.centres[test]) <= model.reach + 0.5, axis=1)
+        if not accept.any():
+            break
+        split = test[accept]
+        n_split += len(split)
+        keep = np.ones(len(model.zyx), dtype=bool)
+        keep[split] = False
+        n_keep = int(keep.sum())
+        rows = model.set(
+            np.concatenate([model.zyx[keep], p1[accept], p2[accept]]),
+            np.concatenate([model.amp[keep], a1[accept], a2[accept]]),
+            np.concatenate([model.bg[keep], model.bg[split], model.bg[split]]),
+            np.concatenate([model.floor[keep], model.floor[split], model.floor[split]]),
+        )
+        test = rows[n_keep:]
+        model.refine(model.neighbours(test), cfg.refine_sweeps)
+
+    n_pruned = 0
+    for _ in range(cfg.prune_rounds):
+        weak = np.flatnonzero(model.amp < model.floor)
+        if not len(weak):
+            break
+        drop = _weakest_of_neighbours(model, weak)
+        touched = model.neighbours(drop)
+        keep = np.ones(len(model.zyx), dtype=bool)
+        keep[drop] = False
+        n_pruned += len(drop)
+        rows = model.set(model.zyx[keep], model.amp[keep], model.bg[keep], model.floor[keep])
+        kept = np.cumsum(keep) - 1  # index among the kept spots
+        model.refine(rows[kept[touched[keep[touched]]]], 1)
+    keep = model.amp >= model.floor
+    if not keep.all():
+        n_pruned += int((~keep).sum())
+        model.set(model.zyx[keep], model.amp[keep], model.bg[keep], model.floor[keep])
+    return SpotFit(model.zyx, model.amp, model.floor, n_split, n_pruned, noise_var, gain)
+
+
+def _split_fit(
+    model: _Model, rows: np.ndarray, noise_var: float, gain: float, min_gain: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Two-spot fits of the windows of ``rows``: parameters ``(n, 9)`` and the weighted
+    residual sums of squares of the one- and the two-spot fit ``(n,)`` each."""
+    data, g = model.window_data(rows)
+    sqrt_w = _weights(model, rows, noise_var, gain)
+    chi2_one = _one_spot_chi2(data, g, sqrt_w)
+    start = _split_start(model, rows, data)
+    two, chi2_two = _lm_fit(
+        model, model.centres[rows], data, sqrt_w, start, hopeless=(chi2_one, min_gain)
+    )
+    return two, chi2_one, chi2_two
+
+
+def _weights(model: _Model, rows: np.ndarray, noise_var: float, gain: float) -> np.ndarray:
+    """Square roots of the voxel weights ``1 / (noise_var + gain x signal)`` on the
+    windows of ``rows`` (0 outside the volume): shot noise makes the centre of a bright
+    spot noisier than the background around it."""
+    signal = model.model[model.slot[rows]]
+    return model.weight[rows] / np.sqrt(noise_var + gain * np.maximum(signal, 0.0))
+
+
+def _noise_model(model: _Model) -> tuple[float, float]:
+    """Noise variance as ``noise_var + gain x signal`` from the fitted windows.
+
+    The squared residuals of all windows (of every m-th window where there are many)
+    are binned by the model's signal at the voxel;
+    a line through the bins' medians (over the median of chi-square with one degree of
+    freedom, 0.455) gives the background variance and the shot-noise gain (>= 0).
+    """
+    rows = np.arange(len(model.zyx))
+    rows = rows[:: max(1, len(rows) * model.k // _NOISE_MODEL_VOXELS)]  # many: every m-th
+    data, g = model.window_data(rows)
+    valid = model.weight[rows] > 0
+    resid = (data - model.amp[rows, None] * g - model.bg[rows, None])[valid]
+    signal = model.model[model.slot[rows]][valid]
+    step = max(1, len(signal) // 20_000)  # a regular subsample is plenty for 20 bins
+    signal, resid = signal[::step], resid[::step]
+    order = np.argsort(signal)
+    nbins = min(20, max(1, len(order) // 200))
+    per = len(order) // nbins
+    order = order[len(order) - nbins * per :].reshape(nbins, per)  # equal bins
+    x = np.median(signal[order], axis=1)
+    y = np.median(resid[order] ** 2, axis=1) / 0.455
+    if nbins < 3 or np.ptp(x) <= 0:
+        return max(float(np.median(y)), _EPS), 0.0
+    gain, noise_var = np.polyfit(x, y, 1)
+    noise_var = float(y[0]) if noise_var <= 0 else float(noise_var)
+    return max(noise_var, _EPS), max(float(gain), 0.0)
+
+
+def _one_spot_chi2(data: np.ndarray, g: np.ndarray, sqrt_w: np.ndarray) -> np.ndarray:
+    """Weighted residual sum of squares of one Gaussian (at its fitted centre) plus a
+    background, amplitude and background re-solved under the weights."""
+    jac = np.stack([g * sqrt_w, sqrt_w], axis=1)
+    y = data * sqrt_w
+    jtj = jac @ jac.transpose(0, 2, 1) + _EPS * np.eye(2)
+    coef = np.linalg.solve(jtj, (jac @ y[..., None]))[..., 0]
+    r = y - (coef[:, :, None] * jac).sum(axis=1)
+    return (r * r).sum(axis=1)
+
+
+def _weakest_of_neighbours(model: _Model, weak: np.ndarray) -> np.ndarray:
+    """The weak spots weaker than every other weak spot whose window overlaps theirs
+    (ties: position order), so that two spots sharing one are not both dropped."""
+    scale = 1.0 / np.maximum(2 * model.reach, 1)
+    pts = model.centres[weak] * scale
+    hits = cKDTree(pts).query_ball_point(pts, r=1.0, p=np.inf)
+    amp = model.amp[weak]
+    return np.asarray(
+        [weak[i] for i, h in enumerate(hits) if all((amp[i], i) <= (amp[j], j) for j in h)],
+        dtype=np.int64,
+    )
