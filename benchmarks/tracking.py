@@ -762,8 +762,11 @@ def spot_section(names: list[str], embedder, *, with_ctc: bool = True) -> list[s
                 sc.seconds = seconds
                 if with_ctc:
                     r = ctc_score(gt, masks, result)
+                    if r.get("Valid") != 1:  # py-ctcmetrics gives no scores then
+                        print(f"warning: invalid CTC result: {name} / {input_name} / {method}")
                     sc.tra, sc.det, sc.chota = (
-                        float(r.get(k, float("nan"))) for k in ("TRA", "DET", "CHOTA")
+                        float("nan") if r.get(k) is None else float(r[k])
+                        for k in ("TRA", "DET", "CHOTA")
                     )
                 pooled.setdefault((input_name, method), []).append(sc)
                 row = (
