@@ -367,3 +367,22 @@ def test_a_file_without_voxel_size_may_be_opened_with_a_placeholder(tmp_path):
         assert src.meta.extra["voxel_size_known"] is False
     with open_source(path, voxel_size=VoxelSize(1, 0.1, 0.1)) as src:
         assert src.meta.extra["voxel_size_known"] is True
+
+
+@pytest.mark.parametrize("compression", [None, "zlib"])
+def test_first_reads_from_many_threads_at_once(tmp_path, compression):
+    """Chunk tasks of a fresh source read in parallel: the reader is set up once (its
+    pages are read from the shared file handle), and every region comes back right."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    path = tmp_path / "zyx.tif"
+    data = np.arange(512 * 16 * 16, dtype=np.uint16).reshape(512, 16, 16)  # many pages
+    tifffile.imwrite(path, data, photometric="minisblack", compression=compression)
+    regions = [(slice(z, z + 8), slice(0, 16), slice(0, 16)) for z in range(0, 512, 8)]
+    for _ in range(3):
+        with open_source(path, voxel_size=VoxelSize(1, 0.1, 0.1)) as src:
+            array = src.channel_array()
+            with ThreadPoolExecutor(8) as pool:
+                parts = list(pool.map(lambda r: np.asarray(array[r]), regions))
+        for region, part in zip(regions, parts, strict=True):
+            np.testing.assert_array_equal(part, data[region])

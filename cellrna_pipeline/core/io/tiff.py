@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import re
+import threading
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -347,10 +348,16 @@ class TiffSource(Source):
         self._plan = plan
         self._reader: _CheckedReader | None = None
         self._contiguous: _ContiguousReader | None = None
+        self._setup_lock = threading.Lock()  # chunk tasks may make the first read at once
 
     def _series_array(self) -> _CheckedReader:
         """The whole series as a lazy array: rows read directly where the data is one
-        uncompressed block in this file, else tifffile's zarr store (pages/tiles)."""
+        uncompressed block in this file, else tifffile's zarr store (pages/tiles).
+        Thread-safe: the first call sets it up once."""
+        with self._setup_lock:
+            return self._setup_series_array()
+
+    def _setup_series_array(self) -> _CheckedReader:
         if self._reader is None:
             with _tifffile_errors(self.path):
                 series, tif = self._series, self._tif

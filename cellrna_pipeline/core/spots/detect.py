@@ -248,7 +248,6 @@ def _candidates(
     # memory is bounded by the chunks in flight (one per worker thread). The scheduler is
     # the caller's: local threads by default, or a dask.distributed cluster when one is
     # active (see integrations/dask.py).
-    np.asarray(image[0:1, 0:1, 0:1])  # a lazy reader sets itself up here, not in threads
     task = dask.delayed(run, pure=False, name=f"spot-candidates-{id(image)}")
     starts = itertools.product(*(range(0, s, c) for s, c in zip(shape, chunks, strict=True)))
     parts = list(dask.compute(*[task(st) for st in starts]))
