@@ -695,6 +695,16 @@ def spot_masks(seq: SpotSequence, rows: pl.DataFrame) -> list[np.ndarray]:
     return masks
 
 
+def _drawn_spots(masks: list[np.ndarray]) -> pl.DataFrame:
+    """``(t, spot_id)`` of the spots that have at least one voxel in ``masks``."""
+    return pl.concat(
+        [
+            pl.DataFrame({"t": t, "spot_id": np.unique(m[m > 0]).astype(np.int64)})
+            for t, m in enumerate(masks)
+        ]
+    )
+
+
 def ctc_score(gt: Path, masks: list[np.ndarray], result: pl.DataFrame) -> dict:
     """py-ctcmetrics of a spot tracking result against the CTC folder ``gt`` (see
     :func:`spot_masks`; the result's masks are ``masks``, labels = ``spot_id``)."""
@@ -756,12 +766,18 @@ def spot_section(names: list[str], embedder, *, with_ctc: bool = True) -> list[s
             if embedder is not None:
                 dets = with_embeddings(dets, seq, embedder)
             masks = spot_masks(seq, dets) if with_ctc else []
+            # two detections on one voxel leave one of them no mask voxel: the CTC result
+            # (for every method alike) keeps the spots that have one
+            drawn = _drawn_spots(masks) if with_ctc else None
             for method, runner in spot_methods(embedder).items():
                 result, seconds = runner(dets, n)
                 sc = link_score(dets, result)
                 sc.seconds = seconds
                 if with_ctc:
-                    r = ctc_score(gt, masks, result)
+                    keep = drawn.cast(
+                        {"t": result.schema["t"], "spot_id": result.schema["spot_id"]}
+                    )
+                    r = ctc_score(gt, masks, result.join(keep, on=["t", "spot_id"], how="semi"))
                     if r.get("Valid") != 1:  # py-ctcmetrics gives no scores then
                         print(f"warning: invalid CTC result: {name} / {input_name} / {method}")
                     sc.tra, sc.det, sc.chota = (

@@ -68,6 +68,26 @@ def test_track_writes_a_valid_ctc_result(tmp_path, masks_dir, acq, capsys):
         assert len(pairs) == len({a for a, _ in pairs}) == len({b for _, b in pairs})
 
 
+def test_track_result_passes_the_ctc_scorer(tmp_path, masks_dir, acq):
+    """py-ctcmetrics (the field's scorer) finds the result valid and perfect against the
+    generator's CTC ground truth (``ground_truth/TRA``: man_track masks and lineage)."""
+    import contextlib
+    import io
+    import warnings
+
+    from cellrna_pipeline.core.synth import write_acquisition
+
+    ctc = pytest.importorskip("ctc_metrics.scripts.evaluate")
+    gt = write_acquisition(acq, tmp_path / "acq") / "ground_truth"
+    out = tmp_path / "01_RES"
+    args = ["track", "--ctc-masks", str(masks_dir), "--out", str(out)]
+    assert main([*args, "--voxel-size-nm", "600", "300", "300"]) == 0
+    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        scores = ctc.evaluate_sequence(str(out), str(gt), ["Valid", "DET", "TRA"], threads=1)
+    assert (scores["Valid"], scores["DET"], scores["TRA"]) == (1, 1.0, 1.0)
+
+
 def test_track_with_images_and_2d_masks(tmp_path, acq):
     masks, images = tmp_path / "seg", tmp_path / "img"
     masks.mkdir()
