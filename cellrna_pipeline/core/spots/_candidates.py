@@ -217,12 +217,14 @@ class BlockCandidates:
     peak_value : ``(n,)`` float32 thresholding band-pass value at the maximum (> 0).
     noise_sample : float32 band-pass values on a fixed lattice (:func:`noise_strides`),
         for the noise level.
+    noise : :func:`robust_std` of ``noise_sample`` (the block's noise level).
     """
 
     peak_zyx: np.ndarray
     peak_offset: np.ndarray
     peak_value: np.ndarray
     noise_sample: np.ndarray
+    noise: float = float("nan")
 
 
 def _extrema(
@@ -325,7 +327,8 @@ def block_candidates(
     first = [(-(o + c.start)) % s for o, c, s in zip(origin, core, strides, strict=True)]
     lattice = tuple(slice(f, None, s) for f, s in zip(first, strides, strict=True))
     sample = sample_core[lattice].ravel()
-    level = 0.0 if gate_sigma is None else gate_sigma * robust_std(sample)
+    noise = robust_std(sample)
+    level = 0.0 if gate_sigma is None else gate_sigma * noise
     padded = np.pad(peak_band, 1, mode="constant", constant_values=-np.inf)
     core_p = tuple(slice(s.start + 1, s.stop + 1) for s in core)
     # Candidates: where the thresholding band-pass is above the local background (level).
@@ -348,4 +351,5 @@ def block_candidates(
         peak_offset=offset,
         peak_value=values.astype(np.float32),
         noise_sample=sample.astype(np.float32),
+        noise=noise,
     )

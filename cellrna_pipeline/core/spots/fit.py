@@ -174,15 +174,20 @@ class _Gauss:
     """
 
     def __init__(self, model: _Model, zyx: np.ndarray, centres: np.ndarray) -> None:
+        # the three axes' 1-D factors at once (few numpy calls: batches are small)
         n = len(zyx)
-        g: np.ndarray = np.ones((n, 1, 1, 1), dtype=np.float32)
+        u = centres[:, model.axis_of] + model.offsets_all[None] - zyx[:, model.axis_of]
+        e = np.exp(model.half_inv2_all * u * u).astype(np.float32)
+        du = (u * model.inv2_all).astype(np.float32)
         self.du = []
-        for a in range(3):
-            u = centres[:, a, None] + model.offsets[a][None] - zyx[:, a, None]
+        g: np.ndarray | None = None
+        for a, (lo, hi) in enumerate(model.axis_cuts):
             sh = [n, 1, 1, 1]
-            sh[a + 1] = u.shape[1]
-            g = g * np.exp(-0.5 * model.inv2[a] * u * u).astype(np.float32).reshape(sh)
-            self.du.append((u * model.inv2[a]).astype(np.float32).reshape(sh))
+            sh[a + 1] = hi - lo
+            f = e[:, lo:hi].reshape(sh)
+            g = f if g is None else g * f
+            self.du.append(du[:, lo:hi].reshape(sh))
+        assert g is not None
         self.g = g
 
     def flat(self) -> np.ndarray:
@@ -209,6 +214,13 @@ class _Model:
             [0 if s <= 0 else max(1, round(_WINDOW_SIGMAS * s)) for s in sigma_vox]
         )
         self.offsets = [np.arange(-r, r + 1) for r in self.reach]
+        # the offsets of all three axes in one row, for :class:`_Gauss`
+        self.offsets_all = np.concatenate(self.offsets)
+        self.axis_of = np.repeat(np.arange(3), [len(o) for o in self.offsets])
+        ends = np.cumsum([len(o) for o in self.offsets])
+        self.axis_cuts = [(int(e - len(o)), int(e)) for e, o in zip(ends, self.offsets, strict=True)]
+        self.inv2_all = self.inv2[self.axis_of]
+        self.half_inv2_all = -0.5 * self.inv2_all
         self.grid = tuple(len(o) for o in self.offsets)
         self.k = int(np.prod(self.grid))
 
