@@ -223,6 +223,8 @@ class _Model:
         self.half_inv2_all = -0.5 * self.inv2_all
         self.grid = tuple(len(o) for o in self.offsets)
         self.k = int(np.prod(self.grid))
+        self.model = np.zeros(0)  # the summed model of all spots, per pool slot
+        self._touched: list[np.ndarray] = []  # slots where the model may be non-zero
 
     # --- state -----------------------------------------------------------------
     def set(
@@ -238,8 +240,13 @@ class _Model:
         self.bg = np.array(bg[order], dtype=np.float64)
         self.floor = np.array(floor[order], dtype=np.float64)
         self.centres = np.rint(self.zyx).astype(np.int64)
+        # the model is 0 except under windows: clear the voxels windows have covered
+        # (cheaper than a new image-sized array at every call)
+        for slots in self._touched:
+            self.model[slots] = 0.0
         self.slot, self.weight = self._windows(self.centres)
-        self.model = np.zeros(len(self.pool.vals))
+        self._grow_model()
+        self._touched = [self.slot.ravel()]
         spots = self.amp[:, None] * self.gauss(np.arange(len(self.zyx))) * self.weight
         np.add.at(self.model, self.slot.ravel(), spots.ravel())  # 1-D: numpy's fast path
         rows = np.empty(len(order), dtype=np.int64)
@@ -278,15 +285,21 @@ class _Model:
         if not len(moved):
             return
         old = self.amp[moved, None] * self.gauss(moved) * self.weight[moved]
-        np.subtract.at(self.model, self.slot[moved].ravel(), old.ravel())
+        left = self.slot[moved].ravel()
+        np.subtract.at(self.model, left, old.ravel())
+        self._touched.append(left)
         self.centres[moved] = centres[moved]
         self.slot[moved], self.weight[moved] = self._windows(centres[moved])
-        if len(self.model) < len(self.pool.vals):  # the pool read new voxels
+        self._grow_model()
+        new = self.amp[moved, None] * self.gauss(moved) * self.weight[moved]
+        np.add.at(self.model, self.slot[moved].ravel(), new.ravel())
+
+    def _grow_model(self) -> None:
+        """Zeros for the voxels the pool has read since the model was last sized."""
+        if len(self.model) < len(self.pool.vals):
             self.model = np.concatenate(
                 [self.model, np.zeros(len(self.pool.vals) - len(self.model))]
             )
-        new = self.amp[moved, None] * self.gauss(moved) * self.weight[moved]
-        np.add.at(self.model, self.slot[moved].ravel(), new.ravel())
 
     def gauss(self, rows: np.ndarray) -> np.ndarray:
         """Unit Gaussians of ``rows`` on their windows, ``(n, k)``."""
@@ -389,9 +402,10 @@ def _damped_step(jac: np.ndarray, resid: np.ndarray, damping: np.ndarray | float
     """Levenberg-Marquardt steps for a batch: ``jac`` ``(n, m, k)``, ``resid`` ``(n, k)``."""
     jtj = (jac @ jac.transpose(0, 2, 1)).astype(np.float64)
     jtr = (jac @ resid[..., None])[..., 0].astype(np.float64)
-    diag = np.einsum("nii->ni", jtj)
-    damp = np.asarray(damping, dtype=np.float64).reshape(-1, 1) * diag + _EPS
-    jtj = jtj + damp[:, :, None] * np.eye(jac.shape[1])
+    diag = np.arange(jac.shape[1])
+    jtj[:, diag, diag] += np.asarray(damping, dtype=np.float64).reshape(-1, 1) * jtj[
+        :, diag, diag
+    ] + _EPS
     return np.linalg.solve(jtj, jtr[..., None])[..., 0]
 
 
