@@ -218,7 +218,9 @@ class _Model:
         self.offsets_all = np.concatenate(self.offsets)
         self.axis_of = np.repeat(np.arange(3), [len(o) for o in self.offsets])
         ends = np.cumsum([len(o) for o in self.offsets])
-        self.axis_cuts = [(int(e - len(o)), int(e)) for e, o in zip(ends, self.offsets, strict=True)]
+        self.axis_cuts = [
+            (int(e - len(o)), int(e)) for e, o in zip(ends, self.offsets, strict=True)
+        ]
         self.inv2_all = self.inv2[self.axis_of]
         self.half_inv2_all = -0.5 * self.inv2_all
         self.grid = tuple(len(o) for o in self.offsets)
@@ -403,9 +405,9 @@ def _damped_step(jac: np.ndarray, resid: np.ndarray, damping: np.ndarray | float
     jtj = (jac @ jac.transpose(0, 2, 1)).astype(np.float64)
     jtr = (jac @ resid[..., None])[..., 0].astype(np.float64)
     diag = np.arange(jac.shape[1])
-    jtj[:, diag, diag] += np.asarray(damping, dtype=np.float64).reshape(-1, 1) * jtj[
-        :, diag, diag
-    ] + _EPS
+    jtj[:, diag, diag] += (
+        np.asarray(damping, dtype=np.float64).reshape(-1, 1) * jtj[:, diag, diag] + _EPS
+    )
     return np.linalg.solve(jtj, jtr[..., None])[..., 0]
 
 
