@@ -298,7 +298,9 @@ class _Model:
 
     def _grow_model(self) -> None:
         """Zeros for the voxels the pool has read since the model was last sized."""
-        if len(self.model) < len(self.pool.vals):
+        if not len(self.model):
+            self.model = np.zeros(len(self.pool.vals))
+        elif len(self.model) < len(self.pool.vals):
             self.model = np.concatenate(
                 [self.model, np.zeros(len(self.pool.vals) - len(self.model))]
             )
