@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from scipy import ndimage as ndi
@@ -90,15 +91,10 @@ class Filters:
         rb = [b // 2 for b in self.background_size]
         pad = [len(k) // 2 + b + r for k, b, r in zip(peak, rb, rr, strict=True)]
         x = np.pad(block.astype(np.float32, copy=False), [(p, p) for p in pad], mode="symmetric")
-        for axis, k in enumerate(peak):
-            x = _correlate_valid(x, k, axis)
-        background = x
-        for axis, size in enumerate(self.background_size):
-            background = _box_valid(background, size, axis)
+        x = _separable(x, _correlate_valid, peak)
+        background = _separable(x, _box_valid, list(self.background_size))
         peak_band = x[tuple(slice(b, x.shape[a] - b) for a, b in enumerate(rb))] - background
-        band = peak_band
-        for axis, k in enumerate(rest):
-            band = _correlate_valid(band, k, axis)
+        band = _separable(peak_band, _correlate_valid, rest)
         core = tuple(slice(r, peak_band.shape[a] - r) for a, r in enumerate(rr))
         return peak_band[core], band
 
@@ -164,6 +160,38 @@ def _correlate_valid(a: np.ndarray, weights: np.ndarray, axis: int) -> np.ndarra
     return out
 
 
+_SLAB_BYTES = 1 << 18  # the passes run on slabs of about this size (cache-sized)
+
+
+def _by_slabs(a: np.ndarray, passes: list[tuple[Any, Any, int]], slab_axis: int) -> np.ndarray:
+    """``passes`` (``(function, kernel, axis)``, each called as ``function(a, kernel,
+    axis)``, none along ``slab_axis``) on slabs of ``a`` along ``slab_axis`` one at a time:
+    the same arithmetic as on the whole array, but a slab's temporaries stay in the CPU
+    cache."""
+    per = a.nbytes // max(a.shape[slab_axis], 1)
+    step = max(1, _SLAB_BYTES // max(per, 1))
+    out: np.ndarray | None = None
+    for i in range(0, a.shape[slab_axis], step):
+        slab = _along(a, slab_axis, i, step)
+        for fn, kernel, axis in passes:
+            slab = fn(slab, kernel, axis)
+        if out is None:
+            shape = list(slab.shape)
+            shape[slab_axis] = a.shape[slab_axis]
+            out = np.empty(shape, dtype=slab.dtype)
+        out[tuple(slice(i, i + step) if d == slab_axis else slice(None) for d in range(a.ndim))] = (
+            slab
+        )
+    assert out is not None
+    return out
+
+
+def _separable(a: np.ndarray, fn: Any, kernels: list[Any]) -> np.ndarray:
+    """``fn(a, kernels[axis], axis)`` along z, then y and x, slab by slab."""
+    a = _by_slabs(a, [(fn, kernels[0], 0)], 1)
+    return _by_slabs(a, [(fn, kernels[1], 1), (fn, kernels[2], 2)], 0)
+
+
 def _box_valid(a: np.ndarray, size: int, axis: int) -> np.ndarray:
     """Mean over ``size`` voxels along ``axis``, only where the box fits."""
     if size <= 1:
@@ -217,12 +245,14 @@ class BlockCandidates:
     peak_value : ``(n,)`` float32 thresholding band-pass value at the maximum (> 0).
     noise_sample : float32 band-pass values on a fixed lattice (:func:`noise_strides`),
         for the noise level.
+    noise : :func:`robust_std` of ``noise_sample`` (the block's noise level).
     """
 
     peak_zyx: np.ndarray
     peak_offset: np.ndarray
     peak_value: np.ndarray
     noise_sample: np.ndarray
+    noise: float = float("nan")
 
 
 def _extrema(
@@ -325,7 +355,8 @@ def block_candidates(
     first = [(-(o + c.start)) % s for o, c, s in zip(origin, core, strides, strict=True)]
     lattice = tuple(slice(f, None, s) for f, s in zip(first, strides, strict=True))
     sample = sample_core[lattice].ravel()
-    level = 0.0 if gate_sigma is None else gate_sigma * robust_std(sample)
+    noise = robust_std(sample)
+    level = 0.0 if gate_sigma is None else gate_sigma * noise
     padded = np.pad(peak_band, 1, mode="constant", constant_values=-np.inf)
     core_p = tuple(slice(s.start + 1, s.stop + 1) for s in core)
     # Candidates: where the thresholding band-pass is above the local background (level).
@@ -348,4 +379,5 @@ def block_candidates(
         peak_offset=offset,
         peak_value=values.astype(np.float32),
         noise_sample=sample.astype(np.float32),
+        noise=noise,
     )

@@ -173,8 +173,8 @@ def _auto_threshold(z: np.ndarray, cfg: SpotDetectionConfig) -> float:
 
 def _release_freed_memory() -> None:
     """Give freed heap memory back to the system: glibc keeps what the band-pass threads
-    freed in their arenas, which would count as the process's memory for the rest of
-    the run. A no-op where there is no glibc."""
+    (of a chunked run) freed in their arenas, which would count as the process's memory
+    for the rest of the run. A no-op where there is no glibc."""
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
@@ -217,7 +217,7 @@ def _candidates(
             gate_sigma,
             strides,
         )
-        return cand, robust_std(cand.noise_sample)
+        return cand, cand.noise
 
     import dask
 
@@ -251,6 +251,7 @@ def _candidates(
     task = dask.delayed(run, pure=False, name=f"spot-candidates-{id(image)}")
     starts = itertools.product(*(range(0, s, c) for s, c in zip(shape, chunks, strict=True)))
     parts = list(dask.compute(*[task(st) for st in starts]))
+    _release_freed_memory()
     noise = robust_std(np.concatenate([p.noise_sample for p in parts]))
     keep = [p.peak_value > gate_sigma * noise for p in parts]
     cand = BlockCandidates(
@@ -305,7 +306,6 @@ def detect_spots(
     else:
         lowest = min(cfg.faint_threshold_sigma, cfg.bright_threshold_sigma, _LOW_SIGMA)
     cand, noise = _candidates(vol, filters, suppression, chunks, 0.999 * lowest)
-    _release_freed_memory()
     if not noise > 0:  # a constant image
         empty = pl.DataFrame(schema=DETECTION_SCHEMA)
         return SpotDetection(empty, float("inf"), 0.0, float("nan"), 0, sigma)

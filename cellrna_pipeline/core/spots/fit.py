@@ -174,15 +174,20 @@ class _Gauss:
     """
 
     def __init__(self, model: _Model, zyx: np.ndarray, centres: np.ndarray) -> None:
+        # the three axes' 1-D factors at once (few numpy calls: batches are small)
         n = len(zyx)
-        g: np.ndarray = np.ones((n, 1, 1, 1), dtype=np.float32)
+        u = centres[:, model.axis_of] + model.offsets_all[None] - zyx[:, model.axis_of]
+        e = np.exp(model.half_inv2_all * u * u).astype(np.float32)
+        du = (u * model.inv2_all).astype(np.float32)
         self.du = []
-        for a in range(3):
-            u = centres[:, a, None] + model.offsets[a][None] - zyx[:, a, None]
+        g: np.ndarray | None = None
+        for a, (lo, hi) in enumerate(model.axis_cuts):
             sh = [n, 1, 1, 1]
-            sh[a + 1] = u.shape[1]
-            g = g * np.exp(-0.5 * model.inv2[a] * u * u).astype(np.float32).reshape(sh)
-            self.du.append((u * model.inv2[a]).astype(np.float32).reshape(sh))
+            sh[a + 1] = hi - lo
+            f = e[:, lo:hi].reshape(sh)
+            g = f if g is None else g * f
+            self.du.append(du[:, lo:hi].reshape(sh))
+        assert g is not None
         self.g = g
 
     def flat(self) -> np.ndarray:
@@ -209,8 +214,19 @@ class _Model:
             [0 if s <= 0 else max(1, round(_WINDOW_SIGMAS * s)) for s in sigma_vox]
         )
         self.offsets = [np.arange(-r, r + 1) for r in self.reach]
+        # the offsets of all three axes in one row, for :class:`_Gauss`
+        self.offsets_all = np.concatenate(self.offsets)
+        self.axis_of = np.repeat(np.arange(3), [len(o) for o in self.offsets])
+        ends = np.cumsum([len(o) for o in self.offsets])
+        self.axis_cuts = [
+            (int(e - len(o)), int(e)) for e, o in zip(ends, self.offsets, strict=True)
+        ]
+        self.inv2_all = self.inv2[self.axis_of]
+        self.half_inv2_all = -0.5 * self.inv2_all
         self.grid = tuple(len(o) for o in self.offsets)
         self.k = int(np.prod(self.grid))
+        self.model = np.zeros(0)  # the summed model of all spots, per pool slot
+        self._touched: list[np.ndarray] = []  # slots where the model may be non-zero
 
     # --- state -----------------------------------------------------------------
     def set(
@@ -226,8 +242,13 @@ class _Model:
         self.bg = np.array(bg[order], dtype=np.float64)
         self.floor = np.array(floor[order], dtype=np.float64)
         self.centres = np.rint(self.zyx).astype(np.int64)
+        # the model is 0 except under windows: clear the voxels windows have covered
+        # (cheaper than a new image-sized array at every call)
+        for slots in self._touched:
+            self.model[slots] = 0.0
         self.slot, self.weight = self._windows(self.centres)
-        self.model = np.zeros(len(self.pool.vals))
+        self._grow_model()
+        self._touched = [self.slot.ravel()]
         spots = self.amp[:, None] * self.gauss(np.arange(len(self.zyx))) * self.weight
         np.add.at(self.model, self.slot.ravel(), spots.ravel())  # 1-D: numpy's fast path
         rows = np.empty(len(order), dtype=np.int64)
@@ -266,15 +287,23 @@ class _Model:
         if not len(moved):
             return
         old = self.amp[moved, None] * self.gauss(moved) * self.weight[moved]
-        np.subtract.at(self.model, self.slot[moved].ravel(), old.ravel())
+        left = self.slot[moved].ravel()
+        np.subtract.at(self.model, left, old.ravel())
+        self._touched.append(left)
         self.centres[moved] = centres[moved]
         self.slot[moved], self.weight[moved] = self._windows(centres[moved])
-        if len(self.model) < len(self.pool.vals):  # the pool read new voxels
+        self._grow_model()
+        new = self.amp[moved, None] * self.gauss(moved) * self.weight[moved]
+        np.add.at(self.model, self.slot[moved].ravel(), new.ravel())
+
+    def _grow_model(self) -> None:
+        """Zeros for the voxels the pool has read since the model was last sized."""
+        if not len(self.model):
+            self.model = np.zeros(len(self.pool.vals))
+        elif len(self.model) < len(self.pool.vals):
             self.model = np.concatenate(
                 [self.model, np.zeros(len(self.pool.vals) - len(self.model))]
             )
-        new = self.amp[moved, None] * self.gauss(moved) * self.weight[moved]
-        np.add.at(self.model, self.slot[moved].ravel(), new.ravel())
 
     def gauss(self, rows: np.ndarray) -> np.ndarray:
         """Unit Gaussians of ``rows`` on their windows, ``(n, k)``."""
@@ -377,9 +406,10 @@ def _damped_step(jac: np.ndarray, resid: np.ndarray, damping: np.ndarray | float
     """Levenberg-Marquardt steps for a batch: ``jac`` ``(n, m, k)``, ``resid`` ``(n, k)``."""
     jtj = (jac @ jac.transpose(0, 2, 1)).astype(np.float64)
     jtr = (jac @ resid[..., None])[..., 0].astype(np.float64)
-    diag = np.einsum("nii->ni", jtj)
-    damp = np.asarray(damping, dtype=np.float64).reshape(-1, 1) * diag + _EPS
-    jtj = jtj + damp[:, :, None] * np.eye(jac.shape[1])
+    diag = np.arange(jac.shape[1])
+    jtj[:, diag, diag] += (
+        np.asarray(damping, dtype=np.float64).reshape(-1, 1) * jtj[:, diag, diag] + _EPS
+    )
     return np.linalg.solve(jtj, jtr[..., None])[..., 0]
 
 
