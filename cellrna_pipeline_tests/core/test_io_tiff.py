@@ -383,6 +383,6 @@ def test_first_reads_from_many_threads_at_once(tmp_path, compression):
         with open_source(path, voxel_size=VoxelSize(1, 0.1, 0.1)) as src:
             array = src.channel_array()
             with ThreadPoolExecutor(8) as pool:
-                parts = list(pool.map(lambda r: np.asarray(array[r]), regions))
+                parts = list(pool.map(array.__getitem__, regions))
         for region, part in zip(regions, parts, strict=True):
             np.testing.assert_array_equal(part, data[region])
