@@ -29,6 +29,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--volumes", type=int, help="cells: synthetic training volumes (default 48)")
     p.add_argument(
+        "--nuclei-volumes",
+        type=int,
+        help="cells: dense-nuclei training volumes (nucleus-only, touching nuclei; default 48)",
+    )
+    p.add_argument(
+        "--init",
+        metavar="MODEL_DIR",
+        help="cells: start from this model folder's weights (fine-tuning) instead of from scratch",
+    )
+    p.add_argument(
         "--register", action="store_true", help="log to MLflow and register as 'challenger'"
     )
     p.add_argument(
@@ -77,13 +87,27 @@ def _train_cells(args: argparse.Namespace) -> int:
     root = DataRoot.from_env(args.home)
     if args.volumes is not None and args.volumes < 1:
         raise InputError(f"--volumes must be >= 1, got {args.volumes}")
-    data = DatasetConfig(seed=args.seed)
-    fields: dict[str, Any] = {"seed": args.seed, "data": data}
+    if args.nuclei_volumes is not None and args.nuclei_volumes < 0:
+        raise InputError(f"--nuclei-volumes must be >= 0, got {args.nuclei_volumes}")
+    if args.init is not None:
+        from cellrna_pipeline.core.segmentation.model import read_model_config
+
+        read_model_config(args.init)  # a one-line error now, not after making the data
+    default = TrainConfig()
+    data: dict[str, Any] = {"seed": args.seed}
+    val: dict[str, Any] = {}
     if args.volumes is not None:
-        fields["data"] = DatasetConfig(seed=args.seed, n_volumes=args.volumes)
-        fields["val_data"] = DatasetConfig(
-            seed=TrainConfig().val_data.seed, n_volumes=max(1, min(4, args.volumes // 8))
-        )
+        data["n_volumes"] = args.volumes
+        val["n_volumes"] = max(1, min(4, args.volumes // 8))
+    if args.nuclei_volumes is not None:
+        data["n_nuclei_volumes"] = args.nuclei_volumes
+        val["n_nuclei_volumes"] = min(default.val_data.n_nuclei_volumes, args.nuclei_volumes)
+    fields: dict[str, Any] = {
+        "seed": args.seed,
+        "data": DatasetConfig(**{**default.data.model_dump(), **data}),
+        "val_data": DatasetConfig(**{**default.val_data.model_dump(), **val}),
+        "init_from": args.init,
+    }
     if args.steps is not None:
         fields["steps"] = args.steps
     config = TrainConfig(**fields)
@@ -93,6 +117,8 @@ def _train_cells(args: argparse.Namespace) -> int:
         + (f" --steps {args.steps}" if args.steps else "")
         + (f" --seed {args.seed}" if args.seed else "")
         + (f" --volumes {args.volumes}" if args.volumes else "")
+        + (f" --nuclei-volumes {args.nuclei_volumes}" if args.nuclei_volumes is not None else "")
+        + (f" --init {args.init}" if args.init else "")
     )
     registry, run_id, callbacks = None, None, []
     if args.register:

@@ -32,7 +32,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import numpy as np
 import torch
@@ -53,6 +53,7 @@ from cellrna_pipeline.core.segmentation.model import (
     MaskRCNNConfig,
     build_model,
     count_parameters,
+    load_model_folder,
     save_model_folder,
 )
 
@@ -69,12 +70,19 @@ class DatasetConfig(StrictModel):
         random parameters.
     shape_zyx : volume shape in voxels.
     empty_slices_per_volume : slices without cells kept per volume (to learn "nothing").
+    n_nuclei_volumes : dense-nuclei volumes added (nucleus-only, touching nuclei packed in
+        3D: :func:`~cellrna_pipeline.core.synth.nuclei.synthesize_nuclei` with broad random
+        settings); volume ``i`` uses generator seed ``seed * 1000 + i`` of that generator.
+    nuclei_slices_per_volume : at most this many z-slices (evenly spaced among those with
+        nuclei) kept per dense-nuclei volume.
     """
 
-    n_volumes: int = Field(default=48, ge=1)
+    n_volumes: int = Field(default=48, ge=0)
     seed: int = Field(default=0, ge=0)
     shape_zyx: tuple[int, int, int] = (32, 256, 256)
     empty_slices_per_volume: int = Field(default=2, ge=0)
+    n_nuclei_volumes: int = Field(default=0, ge=0)
+    nuclei_slices_per_volume: int = Field(default=16, ge=1)
 
 
 class AugmentConfig(StrictModel):
@@ -96,22 +104,25 @@ class TrainConfig(StrictModel):
     """Everything that defines a training run (recorded with the model).
 
     The defaults are the recipe of the shipped champion (``cellrna train cells``).
+    ``init_from``: a model folder whose weights start the run (fine-tuning; its
+    architecture must equal ``model``); ``None`` trains from scratch.
     """
 
     seed: int = 0
-    steps: int = Field(default=1000, ge=1)
+    steps: int = Field(default=2400, ge=1)
     batch_size: int = Field(default=2, ge=1)
-    learning_rate: float = 1e-3
+    learning_rate: float = 6e-4
     weight_decay: float = 1e-4
     warmup_steps: int = 100
     grad_clip_norm: float = 10.0
-    validate_every: int = 300
-    checkpoint_every: int = 300
+    validate_every: int = 600
+    checkpoint_every: int = 200
     val_slices: int = 48
     model: MaskRCNNConfig = MaskRCNNConfig(input_size_px=192)
-    data: DatasetConfig = DatasetConfig()
-    val_data: DatasetConfig = DatasetConfig(n_volumes=4, seed=500)
+    data: DatasetConfig = DatasetConfig(n_nuclei_volumes=48, nuclei_slices_per_volume=12)
+    val_data: DatasetConfig = DatasetConfig(n_volumes=4, seed=500, n_nuclei_volumes=4)
     augment: AugmentConfig = AugmentConfig()
+    init_from: str | None = None
 
 
 # --- samples ---------------------------------------------------------------------------
@@ -127,12 +138,15 @@ class TrainSample:
     cells : ``(H, W)`` int32 cell ids.
     nuclei : ``(H, W)`` int32 nucleus ids (= the cell's id).
     source : where it came from (volume seed, z).
+    kind : ``"cells"`` (both stains, nuclei inside cells) or ``"nuclei"`` (nucleus stain
+        only, the cytoplasm channel is zeros and ``cells == nuclei``).
     """
 
     image: np.ndarray
     cells: np.ndarray
     nuclei: np.ndarray
     source: str = ""
+    kind: Literal["cells", "nuclei"] = "cells"
 
 
 def _random_synth_config(rng: np.random.Generator, seed: int, shape_zyx: tuple[int, int, int]):
@@ -160,6 +174,51 @@ def _random_synth_config(rng: np.random.Generator, seed: int, shape_zyx: tuple[i
         membrane_contrast=float(rng.uniform(0.2, 1.6)),
         texture_contrast=float(rng.uniform(0.1, 0.45)),
         calibration_images=False,
+    )
+
+
+def _random_nuclei_config(rng: np.random.Generator, seed: int):
+    """Broad random settings of the dense-nuclei generator (nucleus-only, touching nuclei).
+
+    Sizes are drawn in pixels (nucleus diameter 8-48 px, log-uniform; anisotropy 1-4)
+    and the field holds 6-12 nucleus diameters laterally and 3-6 axially; blur, haze,
+    contrast, noise, texture and shapes vary widely.
+    """
+    from cellrna_pipeline.core.synth.nuclei import NucleiConfig
+
+    lateral_um = 0.2
+    d_px = float(np.exp(rng.uniform(np.log(8.0), np.log(48.0))))
+    anisotropy = float(rng.uniform(1.0, 4.0))
+    z_aspect = float(rng.uniform(0.6, 1.2))
+    side = int(np.clip(round(d_px * rng.uniform(6.0, 12.0)), 64, 256))
+    n_z = int(np.clip(round(d_px * z_aspect / anisotropy * rng.uniform(3.0, 6.0)), 12, 64))
+    radius_um = d_px * lateral_um / 2.0
+    psf_lateral_nm = 1000.0 * lateral_um * float(rng.uniform(0.3, max(0.4, 0.12 * d_px)))
+    psf_axial_nm = 1000.0 * radius_um * z_aspect * float(rng.uniform(0.1, 0.8))
+    return NucleiConfig(
+        seed=seed,
+        shape_zyx=(n_z, side, side),
+        voxel_size_um=(anisotropy * lateral_um, lateral_um, lateral_um),
+        nucleus_radius_um=radius_um,
+        nucleus_radius_cv=float(rng.uniform(0.05, 0.3)),
+        z_aspect=z_aspect,
+        elongation_max=float(rng.uniform(1.0, 1.8)),
+        irregularity=float(rng.uniform(0.0, 0.2)),
+        volume_fraction=float(rng.uniform(0.1, 0.45)),
+        contact=float(rng.uniform(0.75, 0.98)),
+        clustering=float(rng.uniform(0.0, 1.0)),
+        psf_sigma_nm=(max(psf_axial_nm, 50.0), psf_lateral_nm, psf_lateral_nm),
+        nucleus_photons=float(np.exp(rng.uniform(np.log(30.0), np.log(1000.0)))),
+        brightness_cv=float(rng.uniform(0.05, 0.5)),
+        texture_contrast=float(rng.uniform(0.0, 0.4)),
+        nucleolus_contrast=float(rng.uniform(0.0, 0.5)),
+        haze=float(rng.uniform(0.0, 1.0)),
+        haze_sigma_radii=float(rng.uniform(1.0, 4.0)),
+        background_photons=float(np.exp(rng.uniform(np.log(10.0), np.log(400.0)))),
+        illumination_falloff=float(rng.uniform(0.0, 0.5)),
+        camera_offset_adu=float(rng.uniform(0.0, 500.0)),
+        camera_gain_adu_per_e=float(rng.uniform(1.0, 4.0)),
+        read_noise_e=float(rng.uniform(1.0, 10.0)),
     )
 
 
@@ -224,6 +283,47 @@ def make_samples(
             )
         if progress is not None and ((i + 1) % 8 == 0 or i + 1 == config.n_volumes):
             progress(f"synthesized {i + 1}/{config.n_volumes} volumes ({len(samples)} slices)")
+    samples += _dense_nuclei_samples(config, canonical_px=canonical_px, progress=progress)
+    return samples
+
+
+def _dense_nuclei_samples(
+    config: DatasetConfig, *, canonical_px: float, progress: Callable[[str], None] | None
+) -> list[TrainSample]:
+    """Canonical-scale slices of the dataset's dense-nuclei volumes (nucleus stain only)."""
+    from cellrna_pipeline.core.synth.nuclei import synthesize_nuclei
+
+    samples: list[TrainSample] = []
+    for i in range(config.n_nuclei_volumes):
+        rng = np.random.default_rng([config.seed, i, 2])
+        seed = config.seed * 1000 + i
+        acq = synthesize_nuclei(_random_nuclei_config(rng, seed))
+        nuc = acq.image.astype(np.float32)
+        scale = canonical_px / estimate_diameter_px(nuc)
+        z, h, w = nuc.shape
+        size = (max(32, round(h * scale)), max(32, round(w * scale)))
+        full = [k for k in range(z) if acq.labels[k].any()]
+        keep = sorted(
+            {full[int(j)] for j in np.linspace(0, len(full) - 1, config.nuclei_slices_per_volume)}
+        )
+        norm = normalize_percentile(nuc)[keep]
+        image = np.stack([_resize_image(norm, size), np.zeros((len(keep), *size), np.float32)])
+        labels = _resize_labels(acq.labels[keep].astype(np.int32), size)
+        for j, k in enumerate(keep):
+            samples.append(
+                TrainSample(
+                    image=image[:, j].astype(np.float32),
+                    cells=labels[j],
+                    nuclei=labels[j].copy(),
+                    source=f"nuclei seed={seed} z={k}",
+                    kind="nuclei",
+                )
+            )
+        if progress is not None and ((i + 1) % 8 == 0 or i + 1 == config.n_nuclei_volumes):
+            progress(
+                f"synthesized {i + 1}/{config.n_nuclei_volumes} dense-nuclei volumes "
+                f"({len(samples)} slices)"
+            )
     return samples
 
 
@@ -263,7 +363,14 @@ def export_coco(samples: Sequence[TrainSample], folder: str | Path) -> Path:
             np.save(tmp / name, s.image.astype(np.float16))
             h, w = s.cells.shape
             images.append(
-                {"id": img_id, "file_name": name, "height": h, "width": w, "source": s.source}
+                {
+                    "id": img_id,
+                    "file_name": name,
+                    "height": h,
+                    "width": w,
+                    "source": s.source,
+                    "kind": s.kind,
+                }
             )
             for cell_id in np.unique(s.cells[s.cells > 0]):
                 cell_ann = ann_id
@@ -330,7 +437,8 @@ def import_coco(folder: str | Path) -> list[TrainSample]:
                 parent = by_id.get(a.get("cell_annotation_id", -1))
                 value = parent.get("instance_id", 0) if parent else a.get("instance_id", 0)
                 nuclei[coco.annToMask(a) > 0] = value
-        samples.append(TrainSample(image, cells, nuclei, info.get("source", "")))
+        kind = "nuclei" if info.get("kind") == "nuclei" else "cells"
+        samples.append(TrainSample(image, cells, nuclei, info.get("source", ""), kind))
     return samples
 
 
@@ -342,33 +450,44 @@ def augment(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One random view of a sample: ``(image (2, T, T), instances (T, T), semantic (T, T))``.
 
-    ``instances`` are the cell ids, or the nucleus ids in nucleus-only mode.
+    ``instances`` are the cell ids, or the nucleus ids in nucleus-only mode (always for
+    ``kind == "nuclei"`` samples, which have no cell stain).
     """
     image, cells, nuclei = sample.image, sample.cells, sample.nuclei
     lo, hi = config.scale_range
     s = float(np.exp(rng.uniform(np.log(lo), np.log(hi))))
+    rotate = rng.random() < config.rotate_probability
+    # Only a window just large enough for the tile (and its rotation) is resized and
+    # rotated: transforming whole slices dominated the step time.
+    need = math.ceil(tile_px / s * (math.sqrt(2.0) if rotate else 1.0)) + 2
     h, w = cells.shape
-    size = (max(16, round(h * s)), max(16, round(w * s)))
-    image = _resize_image(image, size)
-    both = _resize_labels(np.stack([cells, nuclei]), size)
+    wh, ww = min(h, need), min(w, need)
+    y0, x0 = int(rng.integers(0, h - wh + 1)), int(rng.integers(0, w - ww + 1))
+    window = (slice(y0, y0 + wh), slice(x0, x0 + ww))
+    size = (max(16, round(wh * s)), max(16, round(ww * s)))
+    image = _resize_image(image[(slice(None), *window)], size)
+    both = _resize_labels(np.stack([cells[window], nuclei[window]]), size)
     cells, nuclei = both[0], both[1]
     # geometry: 90-degree rotations, flips, sometimes a small arbitrary rotation
     k = int(rng.integers(4))
     image, cells, nuclei = (np.rot90(a, k, axes=(-2, -1)) for a in (image, cells, nuclei))
     if rng.random() < 0.5:
         image, cells, nuclei = image[..., ::-1], cells[..., ::-1], nuclei[..., ::-1]
-    if rng.random() < config.rotate_probability:
+    if rotate:
         angle = float(rng.uniform(-45, 45))
         image = ndi.rotate(image, angle, axes=(-1, -2), reshape=False, order=1, mode="constant")
         cells = ndi.rotate(cells, angle, axes=(-1, -2), reshape=False, order=0, mode="constant")
         nuclei = ndi.rotate(nuclei, angle, axes=(-1, -2), reshape=False, order=0, mode="constant")
-    # crop / pad to the tile
+    # crop / pad to the tile (the centre of a rotated window: its corners are empty)
     out_img = np.zeros((image.shape[0], tile_px, tile_px), np.float32)
     out_cells = np.zeros((tile_px, tile_px), np.int32)
     out_nuc = np.zeros((tile_px, tile_px), np.int32)
     h, w = cells.shape
-    y0 = int(rng.integers(0, h - tile_px + 1)) if h > tile_px else 0
-    x0 = int(rng.integers(0, w - tile_px + 1)) if w > tile_px else 0
+    if rotate:
+        y0, x0 = max(0, (h - tile_px) // 2), max(0, (w - tile_px) // 2)
+    else:
+        y0 = int(rng.integers(0, h - tile_px + 1)) if h > tile_px else 0
+        x0 = int(rng.integers(0, w - tile_px + 1)) if w > tile_px else 0
     oy = int(rng.integers(0, tile_px - h + 1)) if h < tile_px else 0
     ox = int(rng.integers(0, tile_px - w + 1)) if w < tile_px else 0
     ch, cw = min(h, tile_px), min(w, tile_px)
@@ -378,7 +497,7 @@ def augment(
     # channel mode
     u = rng.random()
     semantic = np.zeros((tile_px, tile_px), np.int64)
-    if u < config.nucleus_only_probability:
+    if sample.kind == "nuclei" or u < config.nucleus_only_probability:
         out_img[1] = 0.0
         instances = out_nuc
         semantic[out_nuc > 0] = SEMANTIC_NUCLEUS
@@ -467,6 +586,22 @@ def evaluate_slices(
     }
 
 
+def validate(
+    model: CellMaskRCNN, samples: Sequence[TrainSample], *, n_slices: int
+) -> dict[str, float]:
+    """:func:`evaluate_slices` on the first ``n_slices`` cell slices (``val_*``) and, when
+    there are dense-nuclei slices, on the first ``n_slices`` of those (``val_nuclei_ap50``,
+    ``val_nuclei_map``)."""
+    cells = [s for s in samples if s.kind == "cells"][:n_slices]
+    nuclei = [s for s in samples if s.kind == "nuclei"][:n_slices]
+    metrics = evaluate_slices(model, cells) if cells else {}
+    if nuclei:
+        scores = evaluate_slices(model, nuclei)
+        metrics["val_nuclei_ap50"] = scores["val_ap50"]
+        metrics["val_nuclei_map"] = scores["val_map"]
+    return metrics
+
+
 # --- the loop --------------------------------------------------------------------------
 
 
@@ -551,7 +686,15 @@ def train_model(
     rank, world = _distributed()
     device = select_device()
     torch.manual_seed(config.seed)  # identical initial weights on every rank
-    model = build_model(config.model).to(device)
+    model = build_model(config.model)
+    if config.init_from is not None:
+        init = load_model_folder(config.init_from)
+        if init.config != config.model:
+            raise InputError(
+                f"{config.init_from}: its architecture differs from the training config's model"
+            )
+        model.load_state_dict(init.state_dict())
+    model = model.to(device)
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
     )
@@ -614,7 +757,7 @@ def train_model(
         history.append({"step": step + 1, **record})
         last = step + 1 == config.steps
         if rank == 0 and val_samples and ((step + 1) % config.validate_every == 0 or last):
-            metrics = evaluate_slices(model, list(val_samples)[: config.val_slices])
+            metrics = validate(model, val_samples, n_slices=config.val_slices)
             _emit(callbacks, "on_validation", step + 1, metrics)
             if say:
                 say(
@@ -693,15 +836,27 @@ def load_or_make_samples(
     return samples
 
 
+def weights_sha256(folder: str | Path) -> str:
+    """sha256 of a model folder's ``weights.pt`` (identifies the weights a run started from)."""
+    import hashlib
+
+    return hashlib.sha256((Path(folder) / "weights.pt").read_bytes()).hexdigest()
+
+
 def model_card(result: TrainResult, *, command: str, data_note: str = "") -> str:
     """A markdown model card: data, seed, steps, speed, metrics, how to reproduce."""
     cfg = result.config
+    start = (
+        f"fine-tuned from the model folder {cfg.init_from} (weights sha256 "
+        f"{weights_sha256(cfg.init_from)[:16]}...)"
+        if cfg.init_from is not None
+        else "trained from scratch (no pretrained weights)"
+    )
     lines = [
         "# cellrna-cell-maskrcnn",
         "",
         "Mask R-CNN (torchvision) with a Panoptic-FPN-style semantic head "
-        "(background / nucleus / cytoplasm), trained from scratch (no pretrained weights) "
-        "on the project's synthetic generator.",
+        f"(background / nucleus / cytoplasm), {start}, on the project's synthetic generator.",
         "",
         "## Reproduce",
         "",
@@ -718,7 +873,9 @@ def model_card(result: TrainResult, *, command: str, data_note: str = "") -> str
         "",
         f"Training: {cfg.data.n_volumes} synthetic volumes {list(cfg.data.shape_zyx)} (seed {cfg.data.seed}, "
         "randomized cell size 4.5-8 um, nucleus fraction 0.38-0.72, voxel size, stains, texture, "
-        "membranes, illumination), every slice with cells. Validation: "
+        "membranes, illumination), every slice with cells; "
+        f"{cfg.data.n_nuclei_volumes} dense-nuclei volumes (nucleus stain only, touching "
+        f"nuclei, up to {cfg.data.nuclei_slices_per_volume} slices each). Validation: "
         f"{cfg.val_data.n_volumes} volumes of seed {cfg.val_data.seed} (unseen). {data_note}",
         "",
         "## Training",
@@ -787,6 +944,11 @@ def run_training(
         out,
         training={
             "train_config": json.loads(config.model_dump_json()),
+            **(
+                {"init_weights_sha256": weights_sha256(config.init_from)}
+                if config.init_from is not None
+                else {}
+            ),
             "steps_per_s": round(result.steps_per_s, 3),
             "seconds": round(result.seconds, 1),
             "world_size": result.world_size,
