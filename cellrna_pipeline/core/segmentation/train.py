@@ -104,8 +104,9 @@ class TrainConfig(StrictModel):
     """Everything that defines a training run (recorded with the model).
 
     The defaults are the recipe of the shipped champion (``cellrna train cells``).
-    ``init_from``: a model folder whose weights start the run (fine-tuning; its
-    architecture must equal ``model``); ``None`` trains from scratch.
+    ``init_from``: a model folder whose weights start the run (fine-tuning; its weights
+    must fit ``model``, whose training-only settings such as the tile size may differ);
+    ``None`` trains from scratch.
     """
 
     seed: int = 0
@@ -118,7 +119,7 @@ class TrainConfig(StrictModel):
     validate_every: int = 600
     checkpoint_every: int = 200
     val_slices: int = 48
-    model: MaskRCNNConfig = MaskRCNNConfig(input_size_px=192)
+    model: MaskRCNNConfig = MaskRCNNConfig(input_size_px=160, box_batch_size_per_image=64)
     data: DatasetConfig = DatasetConfig(n_nuclei_volumes=48, nuclei_slices_per_volume=12)
     val_data: DatasetConfig = DatasetConfig(n_volumes=4, seed=500, n_nuclei_volumes=4)
     augment: AugmentConfig = AugmentConfig()
@@ -688,12 +689,12 @@ def train_model(
     torch.manual_seed(config.seed)  # identical initial weights on every rank
     model = build_model(config.model)
     if config.init_from is not None:
-        init = load_model_folder(config.init_from)
-        if init.config != config.model:
+        try:
+            model.load_state_dict(load_model_folder(config.init_from).state_dict())
+        except RuntimeError:
             raise InputError(
-                f"{config.init_from}: its architecture differs from the training config's model"
-            )
-        model.load_state_dict(init.state_dict())
+                f"{config.init_from}: its weights do not fit the training config's model"
+            ) from None
     model = model.to(device)
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
