@@ -229,7 +229,8 @@ def _shapes(c: NucleiConfig, radii: np.ndarray, rng: np.random.Generator) -> lis
                 semi_axes_um=(az, r * math.sqrt(elong), r / math.sqrt(elong)),
                 angle_rad=float(rng.uniform(0.0, np.pi)),
                 harmonic_amp=tuple(
-                    float(v) for v in c.irregularity * rng.normal(size=_N_HARMONICS) / np.sqrt(m - 1)
+                    float(v)
+                    for v in c.irregularity * rng.normal(size=_N_HARMONICS) / np.sqrt(m - 1)
                 ),
                 harmonic_phase=tuple(float(v) for v in rng.uniform(0.0, 2 * np.pi, _N_HARMONICS)),
             )
@@ -276,7 +277,9 @@ def synthesize_nuclei(config: NucleiConfig) -> NucleiAcquisition:
         for i in np.nonzero(visible)[0]:
             u = geo_rng.normal(size=(int(k[i]), 3))
             u *= (geo_rng.uniform(0.0, 0.5, int(k[i])) / np.linalg.norm(u, axis=1))[:, None]
-            offsets.append(centres_vox[i] + u * np.asarray(shapes[i].semi_axes_um) / np.asarray(vox))
+            offsets.append(
+                centres_vox[i] + u * np.asarray(shapes[i].semi_axes_um) / np.asarray(vox)
+            )
         dark = np.zeros(shape, dtype=np.float32)
         where = np.concatenate(offsets)
         add_gaussian_spots(
