@@ -10,6 +10,8 @@ Datasets:
 - ``synth``: the generator's default settings (the demo's data), unseen seeds, both stains,
   voxel size given.
 - ``synth-random``: the randomized generator settings used for training, unseen seeds.
+- ``synth-nuclei``: the dense-nuclei generator (nucleus stain only, touching nuclei packed
+  in 3D) with the randomized settings used for training, unseen seeds, no voxel size.
 - ``stardist3d``: ``<data>/stardist_demo3D_synthetic`` (3 volumes 64x128x128, nuclei only,
   no voxel size: the object size is estimated, as by ``cellrna cells segment``).
 - ``ctc-msc``: ``<data>/ctc_Fluo-C2DL-MSC_segframes`` (5 real 2D frames, whole-cell GFP
@@ -38,12 +40,13 @@ sys.path.insert(0, str(REPO))
 from cellrna_pipeline.core.segmentation import CellSegmentationConfig, segment_cells  # noqa: E402
 from cellrna_pipeline.core.segmentation.evaluate import (  # noqa: E402
     EvalVolume,
+    dense_nuclei_volumes,
     score_volumes,
     synthetic_volumes,
 )
 
-ALL = ("synth", "synth-random", "stardist3d", "ctc-msc")
-DEFAULT = ("synth", "synth-random", "stardist3d")
+ALL = ("synth", "synth-random", "synth-nuclei", "stardist3d", "ctc-msc")
+DEFAULT = ("synth", "synth-random", "synth-nuclei", "stardist3d")
 UNSEEN_SEED = (
     8000  # never used in training (seeds 0-47, 500 000+) nor while developing (7000-7001, 9100)
 )
@@ -104,6 +107,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--synthetic", type=int, default=3, help="volumes per synthetic dataset")
     parser.add_argument(
+        "--nuclei-volumes", type=int, default=6, help="volumes of the synth-nuclei dataset"
+    )
+    parser.add_argument(
         "--datasets", default=",".join(DEFAULT), help=f"comma-separated subset of {ALL}"
     )
     parser.add_argument(
@@ -132,6 +138,8 @@ def main(argv: list[str] | None = None) -> int:
                 synthetic_volumes(args.synthetic, seed=UNSEEN_SEED, randomized=True),
                 True,
             )
+        elif name == "synth-nuclei":
+            volumes, semantic = dense_nuclei_volumes(args.nuclei_volumes, seed=UNSEEN_SEED), False
         elif name == "stardist3d":
             if not (data / "stardist_demo3D_synthetic").exists():
                 print(f"skip {name}: {data} has no stardist_demo3D_synthetic", file=sys.stderr)

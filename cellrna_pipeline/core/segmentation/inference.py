@@ -96,7 +96,7 @@ class InferenceConfig(StrictModel):
         stains given).
     split_area_ratio : cut a 3D object where its area per slice dips under this fraction
         of the peaks on both sides (two objects stacked in z; 0 disables).
-    fragment_fraction : merge 3D objects under this fraction of the median object volume
+    fragment_fraction : merge 3D objects under this fraction of the typical object volume
         into the object they touch most in z (cut-off tips; 0 disables).
     end_slice_fraction : trim end slices of a 3D object dimmer than this fraction of its
         median slice (0 disables).

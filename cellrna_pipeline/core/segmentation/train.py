@@ -68,7 +68,7 @@ class DatasetConfig(StrictModel):
     n_volumes : volumes to synthesize (one timepoint each).
     seed : base seed; volume ``i`` uses generator seed ``seed * 1000 + i`` and its own
         random parameters.
-    shape_zyx : volume shape in voxels.
+    shape_zyx : volume shape in voxels (cell volumes; dense-nuclei volumes draw their own).
     empty_slices_per_volume : slices without cells kept per volume (to learn "nothing").
     n_nuclei_volumes : dense-nuclei volumes added (nucleus-only, touching nuclei packed in
         3D: :func:`~cellrna_pipeline.core.synth.nuclei.synthesize_nuclei` with broad random
