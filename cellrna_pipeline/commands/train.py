@@ -34,6 +34,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="cells: dense-nuclei training volumes (nucleus-only, touching nuclei; default 48)",
     )
     p.add_argument(
+        "--z-context",
+        type=int,
+        choices=(0, 1, 2, 3),
+        help="cells: neighbouring z-slices per side fed with each slice (default: the recipe's)",
+    )
+    p.add_argument(
         "--init",
         metavar="MODEL_DIR",
         help="cells: start from this model folder's weights (fine-tuning) instead of from scratch",
@@ -110,6 +116,8 @@ def _train_cells(args: argparse.Namespace) -> int:
     }
     if args.steps is not None:
         fields["steps"] = args.steps
+    if args.z_context is not None:
+        fields["model"] = default.model.model_copy(update={"z_context": args.z_context})
     config = TrainConfig(**fields)
     out = _out_dir(args, root, "cell-maskrcnn")
     command = (
@@ -118,6 +126,7 @@ def _train_cells(args: argparse.Namespace) -> int:
         + (f" --seed {args.seed}" if args.seed else "")
         + (f" --volumes {args.volumes}" if args.volumes else "")
         + (f" --nuclei-volumes {args.nuclei_volumes}" if args.nuclei_volumes is not None else "")
+        + (f" --z-context {args.z_context}" if args.z_context is not None else "")
         + (f" --init {args.init}" if args.init else "")
     )
     registry, run_id, callbacks = None, None, []

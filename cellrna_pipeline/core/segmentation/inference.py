@@ -44,6 +44,7 @@ from cellrna_pipeline.core.segmentation.base import (
     assemble,
     normalize_percentile,
     split_disconnected,
+    z_context_stack,
 )
 
 if TYPE_CHECKING:
@@ -427,6 +428,7 @@ def segment_volume(
     anisotropy: float = 1.0,
     canonical_px: float,
     channels: Sequence[str] = ("nucleus", "cytoplasm"),
+    z_context: int = 0,
     config: InferenceConfig | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> CellSegmentation:
@@ -441,6 +443,8 @@ def segment_volume(
     anisotropy : z step / lateral pixel size (1 when unknown).
     canonical_px : nucleus diameter the predictor was trained at.
     channels : input channel order of the predictor.
+    z_context : neighbouring slices per side the predictor takes with each slice (per
+        channel; the volume's end slices are repeated beyond its ends).
     config : :class:`InferenceConfig`.
 
     Returns
@@ -477,7 +481,7 @@ def segment_volume(
     for b in range(0, len(todo), step):
         zs = todo[b : b + step]
         preds = predict_tiled(
-            [scaled[:, z] for z in zs],
+            [z_context_stack(scaled, z, z_context) for z in zs],
             predict,
             tile_px=cfg.tile_px,
             overlap_px=cfg.overlap_px,

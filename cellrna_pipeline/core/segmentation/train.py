@@ -47,12 +47,14 @@ from cellrna_pipeline.core.segmentation.base import (
     SEMANTIC_NUCLEUS,
     estimate_diameter_px,
     normalize_percentile,
+    z_context_stack,
 )
 from cellrna_pipeline.core.segmentation.model import (
     CellMaskRCNN,
     MaskRCNNConfig,
     build_model,
     count_parameters,
+    expand_z_context,
     load_model_folder,
     save_model_folder,
 )
@@ -98,6 +100,7 @@ class AugmentConfig(StrictModel):
     blur_probability: float = 0.3
     blur_sigma_max_px: float = 1.5
     noise_std_max: float = 0.08
+    context_dropout_probability: float = 0.1
 
 
 class TrainConfig(StrictModel):
@@ -243,11 +246,14 @@ def make_samples(
     config: DatasetConfig,
     *,
     canonical_px: float,
+    z_context: int = 0,
     progress: Callable[[str], None] | None = None,
 ) -> list[TrainSample]:
     """Synthesize the dataset's volumes and cut them into canonical-scale slices.
 
     Every slice that holds a cell is kept, plus ``empty_slices_per_volume`` without.
+    With ``z_context = k`` each sample holds, per stain, its slice and ``k`` neighbours
+    on each side (:func:`~cellrna_pipeline.core.segmentation.base.z_context_stack`).
     Deterministic for a given config.
     """
     from cellrna_pipeline.core.synth import synthesize
@@ -276,7 +282,7 @@ def make_samples(
         for k in sorted(int(c) for c in chosen):
             samples.append(
                 TrainSample(
-                    image=image[:, k].astype(np.float32),
+                    image=z_context_stack(image, k, z_context).astype(np.float32),
                     cells=cells[k],
                     nuclei=nuclei[k],
                     source=f"synth seed={seed} z={k}",
@@ -284,12 +290,18 @@ def make_samples(
             )
         if progress is not None and ((i + 1) % 8 == 0 or i + 1 == config.n_volumes):
             progress(f"synthesized {i + 1}/{config.n_volumes} volumes ({len(samples)} slices)")
-    samples += _dense_nuclei_samples(config, canonical_px=canonical_px, progress=progress)
+    samples += _dense_nuclei_samples(
+        config, canonical_px=canonical_px, z_context=z_context, progress=progress
+    )
     return samples
 
 
 def _dense_nuclei_samples(
-    config: DatasetConfig, *, canonical_px: float, progress: Callable[[str], None] | None
+    config: DatasetConfig,
+    *,
+    canonical_px: float,
+    z_context: int,
+    progress: Callable[[str], None] | None,
 ) -> list[TrainSample]:
     """Canonical-scale slices of the dataset's dense-nuclei volumes (nucleus stain only)."""
     from cellrna_pipeline.core.synth.nuclei import synthesize_nuclei
@@ -307,13 +319,18 @@ def _dense_nuclei_samples(
         keep = sorted(
             {full[int(j)] for j in np.linspace(0, len(full) - 1, config.nuclei_slices_per_volume)}
         )
-        norm = normalize_percentile(nuc)[keep]
-        image = np.stack([_resize_image(norm, size), np.zeros((len(keep), *size), np.float32)])
+        # the kept slices and their z-context neighbours, rescaled
+        used = sorted(
+            {int(np.clip(k + d, 0, z - 1)) for k in keep for d in range(-z_context, z_context + 1)}
+        )
+        norm = _resize_image(normalize_percentile(nuc)[used], size)
+        stack = np.zeros((2, z, *size), np.float32)
+        stack[0, used] = norm
         labels = _resize_labels(acq.labels[keep].astype(np.int32), size)
         for j, k in enumerate(keep):
             samples.append(
                 TrainSample(
-                    image=image[:, j].astype(np.float32),
+                    image=z_context_stack(stack, k, z_context).astype(np.float32),
                     cells=labels[j],
                     nuclei=labels[j].copy(),
                     source=f"nuclei seed={seed} z={k}",
@@ -495,31 +512,37 @@ def augment(
     out_img[:, oy : oy + ch, ox : ox + cw] = image[:, y0 : y0 + ch, x0 : x0 + cw]
     out_cells[oy : oy + ch, ox : ox + cw] = cells[y0 : y0 + ch, x0 : x0 + cw]
     out_nuc[oy : oy + ch, ox : ox + cw] = nuclei[y0 : y0 + ch, x0 : x0 + cw]
-    # channel mode
+    # channel mode; the image holds 2 stains (nucleus, cytoplasm) x g z-slices each
+    g = out_img.shape[0] // 2
+    nucleus_ch, cell_ch = slice(0, g), slice(g, 2 * g)
     u = rng.random()
     semantic = np.zeros((tile_px, tile_px), np.int64)
     if sample.kind == "nuclei" or u < config.nucleus_only_probability:
-        out_img[1] = 0.0
+        out_img[cell_ch] = 0.0
         instances = out_nuc
         semantic[out_nuc > 0] = SEMANTIC_NUCLEUS
     else:
         if u < config.nucleus_only_probability + config.cell_only_probability:
-            out_img[0] = 0.0
+            out_img[nucleus_ch] = 0.0
         instances = out_cells
         semantic[out_cells > 0] = SEMANTIC_CYTOPLASM
         semantic[out_nuc > 0] = SEMANTIC_NUCLEUS
-    # intensities
-    for c in range(out_img.shape[0]):
-        if not out_img[c].any():
+    if g > 1 and rng.random() < config.context_dropout_probability:
+        for ch in (nucleus_ch, cell_ch):  # as a 2D image: the slice repeated
+            out_img[ch] = out_img[ch.start + g // 2]
+    # intensities: one draw per stain, the same for its z-slices (noise per slice)
+    for ch in (nucleus_ch, cell_ch):
+        if not out_img[ch].any():
             continue
-        x = out_img[c]
+        x = out_img[ch]
         if rng.random() < config.blur_probability:
-            x = ndi.gaussian_filter(x, float(rng.uniform(0.3, config.blur_sigma_max_px)))
+            sigma = float(rng.uniform(0.3, config.blur_sigma_max_px))
+            x = ndi.gaussian_filter(x, (0.0, sigma, sigma))
         gamma = float(rng.uniform(*config.gamma_range))
         x = np.sign(x) * np.abs(x) ** gamma
         x = x * float(rng.uniform(*config.gain_range)) + float(rng.normal(0, config.offset_std))
         x = x + rng.normal(0, float(rng.uniform(0, config.noise_std_max)), x.shape)
-        out_img[c] = x.astype(np.float32)
+        out_img[ch] = x.astype(np.float32)
     return out_img, instances, semantic
 
 
@@ -689,9 +712,13 @@ def train_model(
     torch.manual_seed(config.seed)  # identical initial weights on every rank
     model = build_model(config.model)
     if config.init_from is not None:
+        init = load_model_folder(config.init_from)
+        state = init.state_dict()
+        if init.config.z_context != config.model.z_context:
+            state = expand_z_context(state, init.config, config.model)
         try:
-            model.load_state_dict(load_model_folder(config.init_from).state_dict())
-        except RuntimeError:
+            model.load_state_dict(state)
+        except (RuntimeError, ValueError):
             raise InputError(
                 f"{config.init_from}: its weights do not fit the training config's model"
             ) from None
@@ -703,6 +730,10 @@ def train_model(
     ckpt = Path(checkpoint_dir) / "last.pt" if checkpoint_dir is not None else None
     if ckpt is not None and ckpt.exists():
         state = torch.load(ckpt, map_location="cpu", weights_only=False)
+        if state.get("config", {}).get("model") != config.model.model_dump(mode="json"):
+            raise InputError(
+                f"{ckpt} is the checkpoint of another model architecture; remove it to start over"
+            )
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         start_step = int(state["step"])
@@ -816,22 +847,25 @@ def load_or_make_samples(
     config: DatasetConfig,
     *,
     canonical_px: float,
+    z_context: int = 0,
     cache_dir: str | Path | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> list[TrainSample]:
     """The dataset of ``config``, read from its COCO cache under ``cache_dir`` when there,
     else synthesized (and cached). The cache folder name encodes the config."""
+    make = {"canonical_px": canonical_px, "z_context": z_context, "progress": progress}
     if cache_dir is None:
-        return make_samples(config, canonical_px=canonical_px, progress=progress)
+        return make_samples(config, **make)
     import hashlib
 
-    key = hashlib.sha256((config.model_dump_json() + f"|{canonical_px}").encode()).hexdigest()[:12]
+    text = config.model_dump_json() + f"|{canonical_px}" + (f"|z{z_context}" if z_context else "")
+    key = hashlib.sha256(text.encode()).hexdigest()[:12]
     folder = Path(cache_dir) / f"cells-coco-{key}"
     if (folder / "annotations.json").exists():
         if progress:
             progress(f"reading the COCO dataset {folder}")
         return import_coco(folder)
-    samples = make_samples(config, canonical_px=canonical_px, progress=progress)
+    samples = make_samples(config, **make)
     if not folder.exists():
         export_coco(samples, folder)
     return samples
@@ -910,22 +944,30 @@ def run_training(
     """
     rank, world = _distributed()
     canonical = config.model.canonical_nucleus_diameter_px
+    context = config.model.z_context
     if world > 1 and cache_dir is not None:
         import torch.distributed as dist
 
         if rank == 0:
             load_or_make_samples(
-                config.data, canonical_px=canonical, cache_dir=cache_dir, progress=progress
+                config.data,
+                canonical_px=canonical,
+                z_context=context,
+                cache_dir=cache_dir,
+                progress=progress,
             )
         dist.barrier()
     train_samples = load_or_make_samples(
         config.data,
         canonical_px=canonical,
+        z_context=context,
         cache_dir=cache_dir,
         progress=progress if rank == 0 else None,
     )
     val_samples = (
-        load_or_make_samples(config.val_data, canonical_px=canonical, cache_dir=cache_dir)
+        load_or_make_samples(
+            config.val_data, canonical_px=canonical, z_context=context, cache_dir=cache_dir
+        )
         if rank == 0
         else []
     )
