@@ -331,3 +331,21 @@ def test_small_z_fragments_merge_but_stack_ends_and_lateral_contacts_do_not():
     for kept in (3, 4, 5):
         assert (out[labels == kept] == kept).all()
     assert np.array_equal(merge_z_fragments(labels, fraction=0.0), labels)
+
+
+def test_watershed_assembly_separates_stacked_and_side_by_side_objects():
+    from cellrna_pipeline.core.segmentation.inference import watershed_slices
+
+    low, high = _ball_slices(16, 4, 4.5), _ball_slices(16, 11.5, 4.5, (21, 19))
+    stacked = np.maximum(low, high * 2)
+    truth = np.where(low > 0, 1, np.where(high > 0, 2, 0))
+    # per-slice ids are arbitrary: the slice where both meet has two 2D instances
+    out = watershed_slices(stacked, diameter_px=9.0)
+    assert instance_scores(truth, out).ap50 == 1.0
+    left = _ball_slices(12, 5.5, 6, (20, 14))
+    right = _ball_slices(12, 5.5, 6, (20, 26)) * 2
+    pair = np.where(left > 0, left, right)  # touching side by side in every slice
+    out = watershed_slices(pair, diameter_px=12.0)
+    assert instance_scores(np.where(pair > 0, pair, 0), out).ap50 == 1.0
+    one = _ball_slices(12, 5.5, 6)
+    assert watershed_slices(one, diameter_px=12.0).max() == 1

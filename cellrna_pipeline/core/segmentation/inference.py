@@ -30,7 +30,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 from scipy import ndimage as ndi
@@ -95,6 +95,11 @@ class InferenceConfig(StrictModel):
         foreground, growing at most this fraction of the nucleus diameter.
     merge_fragments : merge 3D cells without a nucleus into their largest neighbour (both
         stains given).
+    assembly : how 2D instances become 3D objects: ``"link"`` (Hungarian linking of
+        neighbouring slices, then the area-dip split and the fragment merge below) or
+        ``"watershed"`` (:func:`watershed_slices`, more robust to noisy 2D instances);
+        ``"auto"``: watershed for nucleus-only volumes, linking otherwise.
+    seed_depth_fraction : seed depth of the watershed assembly (fraction of a diameter).
     split_area_ratio : cut a 3D object where its area per slice dips under this fraction
         of the peaks on both sides (two objects stacked in z; 0 disables).
     fragment_fraction : merge 3D objects under this fraction of the typical object volume
@@ -119,6 +124,8 @@ class InferenceConfig(StrictModel):
     refine_with_semantic: bool = True
     refine_reach_fraction: float = 0.5
     merge_fragments: bool = True
+    assembly: Literal["auto", "link", "watershed"] = "auto"
+    seed_depth_fraction: float = 0.05
     split_area_ratio: float = 0.6
     fragment_fraction: float = 0.1
     end_slice_fraction: float = 0.6
@@ -506,10 +513,18 @@ def segment_volume(
             labels2d[z] = labels
         if progress is not None:
             progress(f"slices {min(b + step, len(todo))}/{len(todo)}")
-    cells = stitch_slices(labels2d, min_iou=cfg.min_iou, min_containment=cfg.min_containment)
-    if n_z > 2:
-        cells = split_at_area_minima(cells, ratio=cfg.split_area_ratio)
-        cells = merge_z_fragments(split_disconnected(cells), fraction=cfg.fragment_fraction)
+    assembly = cfg.assembly
+    if assembly == "auto":
+        assembly = "watershed" if nucleus is not None and cytoplasm is None else "link"
+    if assembly == "watershed" and n_z > 1:
+        cells = watershed_slices(
+            labels2d, diameter_px=diameter_px, seed_depth_fraction=cfg.seed_depth_fraction
+        )
+    else:
+        cells = stitch_slices(labels2d, min_iou=cfg.min_iou, min_containment=cfg.min_containment)
+        if n_z > 2:
+            cells = split_at_area_minima(cells, ratio=cfg.split_area_ratio)
+            cells = merge_z_fragments(split_disconnected(cells), fraction=cfg.fragment_fraction)
     sphere = (math.pi / 6 * diameter_px**3 / anisotropy if n_z > 1 else nucleus_area) * (
         1 if nucleus is not None else 1 / CELL_TO_NUCLEUS_DIAMETER**3
     )
@@ -659,6 +674,63 @@ def merge_into_neighbours(
         first = np.unique(keys[:, 0], return_index=True)[1]
         lut[keys[first, 0]] = keys[first, 1]
     return lut[labels]
+
+
+def watershed_slices(
+    labels_zyx: np.ndarray,
+    *,
+    diameter_px: float,
+    seed_depth_fraction: float = 0.05,
+    z_smoothing: float = 0.7,
+) -> np.ndarray:
+    """Join per-slice 2D instances into 3D objects by a seeded 3D watershed.
+
+    The alternative to linking (:func:`stitch_slices`) when the 2D instances are noisy:
+    every pixel gets its distance to the border of its own 2D instance (0 on borders
+    between instances), smoothed along z so that the slices vote together; seeds are the
+    maxima standing ``seed_depth_fraction * diameter_px`` above their surroundings
+    (h-maxima), and the union of the 2D instances is flooded from them. An object ending
+    where another begins above it leaves a waist of small cross-sections, hence a
+    saddle, between their seeds; a slice where the 2D model merged or split two objects
+    is outvoted by its neighbours.
+
+    Parameters
+    ----------
+    labels_zyx : ``(z, y, x)`` per-slice 2D ids (independent per slice, 0 background).
+    diameter_px : lateral object diameter (pixels).
+    seed_depth_fraction : seed depth as a fraction of the diameter.
+    z_smoothing : Gaussian sigma along z (slices) of the distance map.
+
+    Returns
+    -------
+    ``(z, y, x)`` uint32 ids, each one 6-connected object.
+    """
+    from skimage.morphology import h_maxima
+    from skimage.segmentation import watershed
+
+    from cellrna_pipeline.core.segmentation.base import split_disconnected
+
+    foreground = labels_zyx > 0
+    if not foreground.any():
+        return np.zeros(labels_zyx.shape, np.uint32)
+    dist = np.zeros(labels_zyx.shape, np.float32)
+    for z in range(labels_zyx.shape[0]):
+        lab = labels_zyx[z]
+        if not lab.any():
+            continue
+        border = np.zeros(lab.shape, bool)
+        for axis in (0, 1):
+            diff = np.diff(lab, axis=axis) != 0
+            lo = (slice(None, -1), slice(None)) if axis == 0 else (slice(None), slice(None, -1))
+            hi = (slice(1, None), slice(None)) if axis == 0 else (slice(None), slice(1, None))
+            border[lo] |= diff
+            border[hi] |= diff
+        dist[z] = ndi.distance_transform_edt((lab > 0) & ~border)
+    sigma_z = z_smoothing if labels_zyx.shape[0] > 1 else 0.0
+    dist = ndi.gaussian_filter(dist, (sigma_z, 0.5, 0.5))
+    peaks = h_maxima(dist, seed_depth_fraction * diameter_px).astype(bool) & foreground
+    markers, _ = ndi.label(peaks, structure=np.ones((3, 3, 3)))
+    return split_disconnected(watershed(-dist, markers, mask=foreground))
 
 
 def split_at_area_minima(labels: np.ndarray, *, ratio: float = 0.6) -> np.ndarray:
