@@ -102,30 +102,22 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 
 def cmd_ingest(args: argparse.Namespace) -> int:
-    from cellrna_pipeline.core.experiment import register_experiment
-    from cellrna_pipeline.defs.runner import materialize_experiment, unregister_partitions
+    from cellrna_pipeline.core.paths import validate_experiment_name
 
     root = _root(args).ensure()
-    is_new = not root.experiment_record(args.experiment).exists()
-    record = register_experiment(
+    validate_experiment_name(args.experiment)
+    from cellrna_pipeline.defs.runner import ingest_experiment
+
+    record, runs = ingest_experiment(
+        _instance(root),
         root,
         args.experiment,
         Path(args.path),
         voxel_size=_voxel_size(args.voxel_size_nm),
+        channel_names=args.channel_names,
         overwrite=args.overwrite,
+        progress=_progress,
     )
-    _progress(
-        f"registered {record.name}: {record.n_timepoints} timepoints, voxel {record.voxel_size_um} um"
-    )
-    instance = _instance(root)
-    runs = materialize_experiment(
-        instance, root, record.name, select=["raw_volume"], progress=_progress
-    )
-    if is_new and not all(r.success for r in runs):
-        # A first ingestion that failed leaves nothing behind: no record, no image, no partitions.
-        root.experiment_record(record.name).unlink(missing_ok=True)
-        shutil.rmtree(root.raw(record.name), ignore_errors=True)
-        unregister_partitions(instance, record.name, record.n_timepoints)
     return _report_runs(runs, f"ingested {record.name} into {root.raw(record.name)}")
 
 
@@ -223,7 +215,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     stats = query(
         root,
         "SELECT n_tracks, n_divisions, mean_cells, n_spots, mean_spots_per_cell, mean_nuclear_fraction "
-        f"FROM experiment_summary WHERE experiment = '{record.name}'",
+        "FROM experiment_summary WHERE experiment = $experiment",
+        {"experiment": record.name},
     )
     if stats.height:
         row = stats.row(0, named=True)
@@ -240,6 +233,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_ui(args: argparse.Namespace) -> int:
+    if not 1 <= args.port <= 65535:
+        raise InputError(f"--port must be 1-65535, got {args.port}")
     root = _root(args).ensure()
     _instance(root)  # writes DAGSTER_HOME/dagster.yaml
     dagster = Path(sys.executable).with_name("dagster")
@@ -309,6 +304,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--experiment", required=True, help="experiment name (letters, digits, _ . -)")
     voxel_arg(p, "voxel size in nm; overrides the file's metadata, required where it has none")
+    p.add_argument(
+        "--channel-names",
+        nargs="+",
+        metavar="NAME",
+        help="one name per channel, overriding the file's (the pipeline reads 'nucleus', "
+        "'cytoplasm' and 'rna0', 'rna1', ...)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an experiment of that name")
     home_arg(p)
     p.set_defaults(func=cmd_ingest)
@@ -333,10 +335,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point; returns the exit code."""
+def _quiet_libraries() -> None:
+    """What reaches a user's terminal is ours: progress lines and one-line errors. MLflow's
+    first-use notes (creating its database, a pickling advice about our own wrapper, a
+    download bar per model) are not actionable; they stay out unless asked for
+    (``MLFLOW_LOGGING_LEVEL=INFO``)."""
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     os.environ.setdefault("DAGSTER_DISABLE_TELEMETRY", "true")
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "ERROR")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; returns the exit code."""
+    _quiet_libraries()
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)

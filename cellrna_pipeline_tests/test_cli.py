@@ -1,4 +1,5 @@
-"""The command line: success paths and bad input (exit 2, one line, nothing changed)."""
+"""The command line: success paths, and ingestion as all or nothing (the bad-input matrix
+of every command is in ``test_bad_input.py``)."""
 
 from __future__ import annotations
 
@@ -6,24 +7,17 @@ import subprocess
 import sys
 
 import numpy as np
-import pytest
+import polars as pl
 import tifffile
 
 from cellrna_pipeline.cli import main
+from cellrna_pipeline.core.io import read_image_meta
 
 
 def _run(capsys, *argv):
     code = main(list(argv))
     out, err = capsys.readouterr()
     return code, out, err
-
-
-def _assert_bad_input(capsys, *argv, match: str):
-    with pytest.raises(SystemExit) as exc:  # argparse errors
-        main(list(argv))
-    assert exc.value.code == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and match in err, err
 
 
 def _stored(root):
@@ -44,86 +38,6 @@ def test_help_is_instant_and_lists_commands():
     ).stdout
     for cmd in ("demo", "synth", "ingest", "materialize", "ui"):
         assert cmd in out
-
-
-def test_argparse_errors_are_one_line(capsys):
-    _assert_bad_input(capsys, "synth", match="required")
-    _assert_bad_input(capsys, "ingest", "x.tif", match="--experiment")
-    _assert_bad_input(
-        capsys,
-        "ingest",
-        "x.tif",
-        "--experiment",
-        "e",
-        "--voxel-size-nm",
-        "1",
-        "2",
-        match="expected 3",
-    )
-
-
-@pytest.mark.parametrize(
-    ("argv", "match"),
-    [
-        (["ingest", "{tmp}/nope.tif", "--experiment", "e1"], "no such file"),
-        (["ingest", "{tmp}/empty.tif", "--experiment", "e1"], "empty"),
-        (["ingest", "{tmp}/plain.tif", "--experiment", "e1"], "voxel size"),
-        (
-            [
-                "ingest",
-                "{tmp}/plain.tif",
-                "--experiment",
-                "../evil",
-                "--voxel-size-nm",
-                "500",
-                "100",
-                "100",
-            ],
-            "invalid experiment name",
-        ),
-        (
-            [
-                "ingest",
-                "{tmp}/plain.tif",
-                "--experiment",
-                "e1",
-                "--voxel-size-nm",
-                "0",
-                "100",
-                "100",
-            ],
-            "positive",
-        ),
-        (
-            [
-                "ingest",
-                "{tmp}/nan.tif",
-                "--experiment",
-                "e1",
-                "--voxel-size-nm",
-                "500",
-                "100",
-                "100",
-            ],
-            "NaN",
-        ),
-        (["materialize", "--experiment", "ghost"], "unknown experiment"),
-        (["synth", "{tmp}/s", "--timepoints", "0"], "timepoints"),
-    ],
-)
-def test_bad_input_exit_2_one_line(capsys, tmp_path, data_root, argv, match):
-    (tmp_path / "empty.tif").write_bytes(b"")
-    tifffile.imwrite(tmp_path / "plain.tif", np.ones((3, 16, 16), np.uint16))
-    nan = np.ones((3, 16, 16), np.float32)
-    nan[1, 2, 3] = np.nan
-    tifffile.imwrite(tmp_path / "nan.tif", nan)
-    before = _stored(data_root)
-    code, _, err = _run(capsys, *[a.format(tmp=tmp_path) for a in argv])
-    assert code == 2
-    errors = [line for line in err.splitlines() if "error" in line.lower()]
-    assert len(errors) == 1 and match.lower() in errors[0].lower(), err
-    assert "Traceback" not in err and "Stack Trace" not in err
-    assert _stored(data_root) == before
 
 
 def test_synth_then_ingest(capsys, tmp_path, data_root):
@@ -164,3 +78,75 @@ def test_synth_then_ingest(capsys, tmp_path, data_root):
         "100",
     )
     assert code == 2 and "already registered" in err
+
+
+def _tree(root) -> dict[str, bytes]:
+    return {
+        str(p.relative_to(root.home)): p.read_bytes()
+        for p in sorted(root.home.rglob("*"))
+        if p.is_file() and p.relative_to(root.home).parts[0] != "dagster"
+    }
+
+
+def _partitions(home) -> tuple[list[str], list[str]]:
+    from dagster import DagsterInstance
+
+    instance = DagsterInstance.get()
+    return (
+        sorted(instance.get_dynamic_partitions("experiments")),
+        sorted(instance.get_dynamic_partitions("volumes")),
+    )
+
+
+def test_ingest_is_all_or_nothing(capsys, tmp_path, data_root):
+    from cellrna_pipeline.integrations.warehouse import load_experiment, query, write_partition
+
+    good = tmp_path / "good.tif"
+    tifffile.imwrite(
+        good, np.arange(2 * 4 * 3 * 16 * 16, dtype=np.uint16).reshape(2, 4, 3, 16, 16), imagej=True
+    )
+    voxel = ["--voxel-size-nm", "600", "150", "150"]
+    names = ["--channel-names", "nucleus", "cytoplasm", "rna0"]
+    assert _run(capsys, "ingest", str(good), "--experiment", "e1", *voxel, *names)[0] == 0
+    # derived data of e1, as later stages would leave it
+    write_partition(
+        data_root,
+        "lineage",
+        "e1",
+        pl.DataFrame({"track_id": [1], "begin": [0], "end": [1], "parent_track_id": [0]}),
+    )
+    load_experiment(data_root, "e1")
+    (data_root.reports / "e1").mkdir(parents=True)
+    (data_root.reports / "e1" / "report.html").write_text("old")
+    before, parts = _tree(data_root), _partitions(data_root.home)
+    assert parts == (["e1"], ["e1__t0000", "e1__t0001"])
+
+    # A new experiment whose data turn out bad half-way: nothing registered, nothing stored.
+    bad = np.ones((2, 4, 16, 16), np.float32)
+    bad[1, 1, 1, 1] = np.nan
+    tifffile.imwrite(tmp_path / "bad.tif", bad, imagej=True, metadata={"axes": "TZYX"})
+    code, _, err = _run(capsys, "ingest", str(tmp_path / "bad.tif"), "--experiment", "e2", *voxel)
+    assert code == 2 and "t=1: 1 NaN" in err, err
+    assert _tree(data_root) == before and _partitions(data_root.home) == parts
+
+    # Overwriting e1 with it: refused half-way, and e1 is back as it was.
+    code, _, err = _run(
+        capsys, "ingest", str(tmp_path / "bad.tif"), "--experiment", "e1", *voxel, "--overwrite"
+    )
+    assert code == 2 and "NaN" in err
+    assert _tree(data_root) == before and _partitions(data_root.home) == parts
+    assert not [p for p in data_root.home.rglob(".tmp-*")]
+
+    # Overwriting with a good acquisition of another shape: nothing of the old one remains.
+    other = tmp_path / "other.tif"
+    tifffile.imwrite(
+        other, np.ones((1, 4, 16, 16), np.uint16), imagej=True, metadata={"axes": "TZYX"}
+    )
+    code, _, err = _run(capsys, "ingest", str(other), "--experiment", "e1", *voxel, "--overwrite")
+    assert code == 0, err
+    assert read_image_meta(data_root.raw("e1")).shape_tczyx == (1, 1, 4, 16, 16)
+    assert (
+        not (data_root.reports / "e1").exists() and not data_root.tables("lineage", "e1").exists()
+    )
+    assert query(data_root, "SELECT count(*) FROM lineage").item() == 0
+    assert _partitions(data_root.home) == (["e1"], ["e1__t0000"])

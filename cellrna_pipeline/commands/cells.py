@@ -110,24 +110,18 @@ def run_segment(args: argparse.Namespace) -> int:
     import numpy as np
     import tifffile
 
-    from cellrna_pipeline.core.io import atomic_path, open_tiff
-    from cellrna_pipeline.core.io._base import NO_VOXEL_SIZE_HINT
+    from cellrna_pipeline.core.io import atomic_path, open_source
     from cellrna_pipeline.core.segmentation import CellSegmentationConfig, segment_cells
     from cellrna_pipeline.core.types import VoxelSize
 
     if args.diameter_px is not None and not args.diameter_px > 0:
         raise InputError(f"--diameter-px must be positive, got {args.diameter_px}")
     voxel = VoxelSize.from_nm(args.voxel_size_nm) if args.voxel_size_nm else None
-    try:
-        source = open_tiff(args.image, voxel_size=voxel)
-        voxel_known = True
-    except InputError as exc:
-        if voxel is not None or NO_VOXEL_SIZE_HINT not in str(exc):
-            raise
-        source = open_tiff(args.image, voxel_size=VoxelSize(1.0, 1.0, 1.0))
-        voxel_known = False
-    with source:
+    # The same loader as `cellrna spots detect` and ingestion; without a voxel size (given
+    # or in the file) the object scale is estimated from the image instead.
+    with open_source(args.image, voxel_size=voxel, voxel_size_required=False) as source:
         meta = source.meta
+        voxel_known = bool(meta.extra["voxel_size_known"])
         t_n, c_n, z_n, _, _ = meta.shape_tczyx
         nuc_c = args.nucleus_channel
         cell_c = (

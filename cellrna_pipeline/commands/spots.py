@@ -3,8 +3,9 @@
 
 The CSV has one row per spot: ``z, y, x`` (voxels, sub-voxel; ``z`` = 0 for 2-D), then
 ``intensity`` (amplitude above the local background, image units), ``score`` (0-1) and
-``size_voxels`` (voxels of the spot's instance mask). Large TIFFs are read through a
-memory map or tifffile's chunked store, never whole.
+``size_voxels`` (voxels of the spot's instance mask). The image is opened with
+:func:`~cellrna_pipeline.core.io.open_source` (TIFF family or OME-Zarr) and read region by
+region as the detector asks for it, never whole.
 """
 
 from __future__ import annotations
@@ -71,9 +72,8 @@ def cmd_detect(args: argparse.Namespace) -> int:
 
     import numpy as np
 
-    from cellrna_pipeline.core.io import atomic_path
+    from cellrna_pipeline.core.io import atomic_path, open_source
     from cellrna_pipeline.core.spots.config import DEFAULT_SPOT_RADIUS_NM, SpotDetectionConfig
-    from cellrna_pipeline.core.spots.tiff_input import open_single_channel_tiff
     from cellrna_pipeline.core.types import VoxelSize
 
     out = Path(args.out)
@@ -86,7 +86,16 @@ def cmd_detect(args: argparse.Namespace) -> int:
     if args.spot_radius_nm is not None:
         SpotDetectionConfig(spot_radius_nm=radius)  # validates (one-line InputError)
     start = time.perf_counter()
-    with open_single_channel_tiff(Path(args.image)) as image:
+    # The same loader as `cellrna cells segment` and ingestion: a lazy source whose
+    # channel_array reads only the regions the detector asks for (never the whole file).
+    with open_source(args.image, voxel_size=voxel) as source:
+        n_t, n_c, *_ = source.meta.shape_tczyx
+        if n_t > 1 or n_c > 1:
+            raise InputError(
+                f"{args.image}: expected one channel (z, y, x) or (y, x), got (t, c, z, y, x) "
+                f"{source.meta.shape_tczyx}; split the time/channel axes first"
+            )
+        image = source.channel_array(0, 0)
         _progress(f"{args.image}: {image.shape} {image.dtype}, method {args.method}")
         if args.method == "log":
             from cellrna_pipeline.core.spots import detect_spots

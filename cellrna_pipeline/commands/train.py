@@ -67,6 +67,10 @@ def _progress(msg: str) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.steps is not None and args.steps < 1:
         raise InputError(f"--steps must be >= 1, got {args.steps}")
+    if args.volumes is not None and args.volumes < 1:
+        raise InputError(f"--volumes must be >= 1, got {args.volumes}")
+    if args.nuclei_volumes is not None and args.nuclei_volumes < 0:
+        raise InputError(f"--nuclei-volumes must be >= 0, got {args.nuclei_volumes}")
     if args.promote and not args.register:
         raise InputError("--promote needs --register")
     if args.target == "spots":
@@ -91,10 +95,6 @@ def _train_cells(args: argparse.Namespace) -> int:
     from cellrna_pipeline.core.segmentation.train import DatasetConfig, TrainConfig, run_training
 
     root = DataRoot.from_env(args.home)
-    if args.volumes is not None and args.volumes < 1:
-        raise InputError(f"--volumes must be >= 1, got {args.volumes}")
-    if args.nuclei_volumes is not None and args.nuclei_volumes < 0:
-        raise InputError(f"--nuclei-volumes must be >= 0, got {args.nuclei_volumes}")
     if args.init is not None:
         from cellrna_pipeline.core.segmentation.model import read_model_config
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -95,6 +96,7 @@ def register_experiment(
     source: Path,
     *,
     voxel_size: VoxelSize | None = None,
+    channel_names: Sequence[str] | None = None,
     overwrite: bool = False,
 ) -> ExperimentRecord:
     """Validate ``source`` and write the experiment record.
@@ -106,6 +108,7 @@ def register_experiment(
     source : an acquisition folder with ``manifest.json``, an OME-TIFF/TIFF file, or an
         OME-Zarr image.
     voxel_size : overrides the voxel size in the metadata; required where there is none.
+    channel_names : one name per channel; overrides the names in the metadata.
     overwrite : replace an existing record with a different source fingerprint.
 
     Raises
@@ -120,7 +123,8 @@ def register_experiment(
     if not source.exists():
         raise InputError(f"no such file or folder: {source}")
     image_path = resolve_image_path(source)
-    meta = open_source(image_path, voxel_size=voxel_size).meta
+    with open_source(image_path, voxel_size=voxel_size, channel_names=channel_names) as src:
+        meta = src.meta
     record = ExperimentRecord(
         name=name,
         source=str(image_path),
@@ -145,6 +149,24 @@ def register_experiment(
 
     atomic_write_text(path, json.dumps(asdict(record), indent=2))
     return record
+
+
+def experiment_data_paths(root: DataRoot, name: str) -> list[Path]:
+    """Everything stored for one experiment (existing or not): its record, raw and processed
+    images, calibration, per-partition tables, CTC export and reports. The warehouse holds
+    its rows too (:func:`cellrna_pipeline.integrations.warehouse.load_experiment`)."""
+    validate_experiment_name(name)
+    tables = root.home / "tables"
+    per_table = sorted(d / name for d in tables.iterdir() if d.is_dir()) if tables.is_dir() else []
+    return [
+        root.experiment_record(name),
+        root.raw(name),
+        root.processed(name),
+        root.home / "calibration" / name,
+        root.home / "ctc" / name,
+        root.reports / name,
+        *per_table,
+    ]
 
 
 def load_experiment(root: DataRoot, name: str) -> ExperimentRecord:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from dagster import (
     AssetsDefinition,
@@ -20,8 +21,15 @@ from dagster import (
 )
 
 from cellrna_pipeline.core.errors import InputError
-from cellrna_pipeline.core.experiment import load_experiment
-from cellrna_pipeline.core.paths import DataRoot
+from cellrna_pipeline.core.experiment import (
+    ExperimentRecord,
+    experiment_data_paths,
+    load_experiment,
+    register_experiment,
+)
+from cellrna_pipeline.core.io import all_or_nothing
+from cellrna_pipeline.core.paths import DataRoot, validate_experiment_name
+from cellrna_pipeline.core.types import VoxelSize
 from cellrna_pipeline.defs import ASSETS, CHECKS, TRAINING_ASSETS, resources
 from cellrna_pipeline.defs.partitions import (
     EXPERIMENTS,
@@ -84,15 +92,6 @@ def _failure(result) -> tuple[str, bool]:
     return "run failed", False
 
 
-def unregister_partitions(instance: DagsterInstance, experiment: str, n_timepoints: int) -> None:
-    """Remove an experiment's partitions (rollback of a failed first ingestion)."""
-    for key in [volume_key(experiment, t) for t in range(n_timepoints)]:
-        if instance.has_dynamic_partition(VOLUMES, key):
-            instance.delete_dynamic_partition(VOLUMES, key)
-    if instance.has_dynamic_partition(EXPERIMENTS, experiment):
-        instance.delete_dynamic_partition(EXPERIMENTS, experiment)
-
-
 def _name(asset: AssetsDefinition) -> str:
     """The user-facing name: the asset key, or the op name of a multi-asset."""
     return asset.key.to_user_string() if len(asset.keys) == 1 else asset.node_def.name
@@ -117,6 +116,24 @@ def _stages(select: Sequence[str] | None) -> list[list[AssetsDefinition]]:
         else:
             stages.append([asset])
     return stages
+
+
+def _check_channels(record: ExperimentRecord, stages: list[list[AssetsDefinition]]) -> None:
+    """:class:`InputError` before any run if a selected asset lacks a channel it reads, so
+    that a missing channel fails at once rather than after the stages before it."""
+    names = {_name(a) for stage in stages for a in stage}
+    channels = list(record.channel_names)
+    fix = "name the channels at ingestion: cellrna ingest ... --channel-names nucleus cytoplasm rna0 --overwrite"
+    if "cell_masks" in names and "nucleus" not in channels:
+        raise InputError(
+            f"experiment {record.name!r} has no channel 'nucleus' (channels: {channels}), "
+            f"which cell_masks needs; {fix}"
+        )
+    if "rna_spots" in names and not any(c.startswith("rna") for c in channels):
+        raise InputError(
+            f"experiment {record.name!r} has no channel 'rna0' (channels: {channels}), "
+            f"which rna_spots needs; {fix}"
+        )
 
 
 def materialize_experiment(
@@ -144,10 +161,12 @@ def materialize_experiment(
             raise InputError(
                 f"experiment {experiment!r} has timepoints 0-{record.n_timepoints - 1}, not {t}"
             )
+    stages = _stages(select)
+    _check_channels(record, stages)
     register_partitions(instance, experiment, record.n_timepoints)
     run_resources = resources(str(root.home))
     summaries: list[RunSummary] = []
-    for stage in _stages(select):
+    for stage in stages:
         pdef = stage[0].partitions_def
         if pdef == volumes_partitions:
             keys: list[str | None] = [volume_key(experiment, t) for t in chosen]
@@ -178,3 +197,85 @@ def materialize_experiment(
             if not result.success:
                 return summaries
     return summaries
+
+
+class _RunFailed(Exception):
+    def __init__(self, runs: list[RunSummary]) -> None:
+        self.runs = runs
+
+
+def ingest_experiment(
+    instance: DagsterInstance,
+    root: DataRoot,
+    name: str,
+    source: Path,
+    *,
+    voxel_size: VoxelSize | None = None,
+    channel_names: Sequence[str] | None = None,
+    overwrite: bool = False,
+    progress: Callable[[str], None] = lambda _msg: None,
+) -> tuple[ExperimentRecord, list[RunSummary]]:
+    """Register an acquisition and copy every timepoint into OME-Zarr (``raw_volume``);
+    all or nothing.
+
+    A new experiment that fails (bad data found while copying) leaves nothing behind: no
+    record, no image, no partitions. With ``overwrite``, the experiment's stored data
+    (record, images, calibration, tables, reports; see
+    :func:`~cellrna_pipeline.core.experiment.experiment_data_paths`) is replaced as a
+    whole: on failure the previous experiment is back unchanged; on success nothing of
+    the previous acquisition remains (its warehouse rows and extra partitions included).
+    Ingesting the acquisition an experiment was registered from again just completes or
+    rewrites its timepoints.
+
+    Raises
+    ------
+    InputError
+        Bad name, unreadable source, missing voxel size, a name taken by another
+        acquisition without ``overwrite``.
+    """
+    validate_experiment_name(name)
+    existed = root.experiment_record(name).exists()
+    if existed and not overwrite:
+        record = register_experiment(
+            root, name, source, voxel_size=voxel_size, channel_names=channel_names
+        )
+        return record, materialize_experiment(
+            instance, root, name, select=["raw_volume"], progress=progress
+        )
+    old_n = load_experiment(root, name).n_timepoints if existed else 0
+    new_n = 0  # timepoints of the new record, once registered
+    try:
+        with all_or_nothing(experiment_data_paths(root, name)):
+            record = register_experiment(
+                root, name, source, voxel_size=voxel_size, channel_names=channel_names
+            )
+            new_n = record.n_timepoints
+            progress(
+                f"{name}: {record.n_timepoints} timepoints {record.shape_tczyx[1:]} (c,z,y,x), "
+                f"voxel {record.voxel_size_um} um, channels {list(record.channel_names)}"
+            )
+            runs = materialize_experiment(
+                instance, root, name, select=["raw_volume"], progress=progress
+            )
+            if not all(r.success for r in runs):
+                raise _RunFailed(runs)
+    except BaseException as exc:
+        _drop_partitions(instance, name, keep=old_n, had=new_n)  # the previous ones stay
+        if isinstance(exc, _RunFailed):
+            return record, exc.runs
+        raise
+    _drop_partitions(instance, name, keep=record.n_timepoints, had=old_n)
+    if existed and root.warehouse.exists():
+        from cellrna_pipeline.integrations.warehouse import load_experiment as load_warehouse
+
+        load_warehouse(root, name)  # its tables are gone: removes the old acquisition's rows
+    return record, runs
+
+
+def _drop_partitions(instance: DagsterInstance, experiment: str, *, keep: int, had: int) -> None:
+    """Remove volume partitions ``keep..had-1`` (and the experiment's if ``keep`` is 0)."""
+    for key in [volume_key(experiment, t) for t in range(keep, had)]:
+        if instance.has_dynamic_partition(VOLUMES, key):
+            instance.delete_dynamic_partition(VOLUMES, key)
+    if keep == 0 and instance.has_dynamic_partition(EXPERIMENTS, experiment):
+        instance.delete_dynamic_partition(EXPERIMENTS, experiment)

@@ -12,9 +12,15 @@ from dagster import (
 )
 
 from cellrna_pipeline.core.errors import InputError
-from cellrna_pipeline.core.experiment import register_experiment
-from cellrna_pipeline.core.inbox import scan_inbox
-from cellrna_pipeline.core.io import timepoints_written
+from cellrna_pipeline.core.experiment import (
+    ExperimentRecord,
+    load_experiment,
+    register_experiment,
+    resolve_image_path,
+)
+from cellrna_pipeline.core.inbox import Acquisition, scan_inbox
+from cellrna_pipeline.core.io import discard, timepoints_written
+from cellrna_pipeline.core.paths import DataRoot
 from cellrna_pipeline.defs.jobs import ingest_job
 from cellrna_pipeline.defs.partitions import (
     experiments_partitions,
@@ -35,12 +41,38 @@ def _load_cursor(raw: str | None) -> dict:
     }
 
 
+def _register(root: DataRoot, acq: Acquisition) -> tuple[ExperimentRecord, bool]:
+    """Register an acquisition; ``(record, redelivered)``.
+
+    An acquisition dropped again at the same place with new content (a fixed file, a
+    re-export) replaces the experiment it was registered as: the record is rewritten, a
+    raw image of another shape, dtype, voxel size or channels is removed (it came from
+    the old content), and every timepoint is copied again.
+    """
+    try:
+        return register_experiment(root, acq.experiment, acq.path), False
+    except InputError:
+        path = root.experiment_record(acq.experiment)
+        if not path.exists():
+            raise
+        old = load_experiment(root, acq.experiment)
+        if old.source != str(resolve_image_path(acq.path.absolute())):
+            raise  # the name is taken by another acquisition
+    record = register_experiment(root, acq.experiment, acq.path, overwrite=True)
+    raw = root.raw(record.name)
+    if raw.exists() and old.image_meta != record.image_meta:
+        discard(raw)  # written from the old content, in a shape the new one does not fit
+    return record, True
+
+
 @sensor(
     job=ingest_job,
     minimum_interval_seconds=15,
     default_status=DefaultSensorStatus.RUNNING,
     description="Registers complete acquisitions in the inbox as experiments (one volume "
-    "partition per timepoint) and requests one raw_volume run per new partition.",
+    "partition per timepoint) and requests one raw_volume run per new partition. An "
+    "acquisition that cannot be ingested is reported (log and tick) once, and retried "
+    "when it changes.",
 )
 def inbox_sensor(
     context: SensorEvaluationContext, data_root: DataRootResource
@@ -51,23 +83,23 @@ def inbox_sensor(
     run_requests: list[RunRequest] = []
     new_experiments: list[str] = []
     new_volumes: list[str] = []
+    failures: list[str] = []
     for acq in ready:
         if state["failed"].get(acq.experiment) == acq.fingerprint:
             continue  # reported once; retried when the acquisition changes
         try:
-            record = register_experiment(root, acq.experiment, acq.path)
+            record, redelivered = _register(root, acq)
         except InputError as exc:
-            context.log.error(f"cannot ingest {acq.path.name}: {exc}")
+            failures.append(f"cannot ingest {acq.path.name}: {exc}")
+            context.log.error(failures[-1])
             state["failed"][acq.experiment] = acq.fingerprint
             continue
         state["failed"].pop(acq.experiment, None)
-        # Request only the timepoints not stored yet: a re-seen acquisition costs nothing,
-        # and one interrupted half-way is completed. Run keys stop a run twice.
-        done = (
-            set(timepoints_written(root.raw(record.name)))
-            if root.raw(record.name).exists()
-            else set()
-        )
+        # Request only the timepoints not stored yet (all of them for new content): a
+        # re-seen acquisition costs nothing, and one interrupted half-way is completed.
+        # Run keys stop a run twice.
+        raw = root.raw(record.name)
+        done = set(timepoints_written(raw)) if raw.exists() and not redelivered else set()
         todo = [t for t in range(record.n_timepoints) if t not in done]
         if not todo:
             continue
@@ -82,7 +114,8 @@ def inbox_sensor(
         )
     cursor = json.dumps(state, sort_keys=True)
     if not run_requests:
-        return SensorResult(skip_reason=SkipReason("no new complete acquisition"), cursor=cursor)
+        reason = "; ".join(failures) or "no new complete acquisition"
+        return SensorResult(skip_reason=SkipReason(reason), cursor=cursor)
     return SensorResult(
         run_requests=run_requests,
         dynamic_partitions_requests=[

@@ -37,6 +37,8 @@ from pathlib import Path
 from typing import Any
 from unittest import mock
 
+import numpy as np
+
 from cellrna_pipeline.core.errors import InputError
 from cellrna_pipeline.core.paths import DataRoot
 
@@ -100,7 +102,6 @@ class LoadedModelFolder:
 def _make_pyfunc_class() -> type:
     """Define :class:`ModelFolderPyfunc` on first use (mlflow is imported only then)."""
     import mlflow.pyfunc
-    import numpy as np
 
     class ModelFolderPyfunc(mlflow.pyfunc.PythonModel):  # type: ignore[name-defined,misc]
         """pyfunc wrapper of a model folder (artifact ``model_dir``).
@@ -114,9 +115,8 @@ def _make_pyfunc_class() -> type:
             self.folder = Path(context.artifacts[MODEL_DIR_ARTIFACT])
             self._model: Any = None
 
-        def predict(
-            self, context, model_input, params=None
-        ):  # untyped: MLflow reads hints as a schema
+        def predict(self, context: Any, model_input: np.ndarray, params: Any = None) -> Any:
+            # np.ndarray: a hint MLflow infers no schema from (and does not warn about)
             config = json.loads((self.folder / "config.json").read_text())
             if config.get("kind") != CELL_MODEL:
                 raise NotImplementedError(

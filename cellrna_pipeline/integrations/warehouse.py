@@ -279,7 +279,6 @@ def write_partition(
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
         conform(table, df, experiment, timepoint).write_parquet(tmp)
-        checkpoint("parquet.before_rename")
     return path
 
 
@@ -366,8 +365,24 @@ _WRITE = re.compile(
 )
 
 
-def query(root: DataRoot, sql: str) -> pl.DataFrame:
+READ_ONLY_MESSAGE = "the warehouse is read-only here: only SELECT / WITH / DESCRIBE / SHOW queries"
+
+
+def query(
+    root: DataRoot, sql: str, params: dict[str, object] | list[object] | None = None
+) -> pl.DataFrame:
     """Run one read-only SQL statement against the warehouse and return the result.
+
+    Parameters
+    ----------
+    root : the data root holding ``warehouse.duckdb``.
+    sql : one statement; values come in as placeholders (``$experiment`` or ``?``), never
+        formatted into the text.
+    params : the placeholders' values (a dict for ``$name``, a list for ``?``).
+
+    Examples
+    --------
+    >>> query(root, "SELECT * FROM cells WHERE experiment = $e", {"e": name})  # doctest: +SKIP
 
     Raises
     ------
@@ -379,31 +394,27 @@ def query(root: DataRoot, sql: str) -> pl.DataFrame:
     if not sql.strip():
         raise InputError("empty SQL statement")
     if _WRITE.match(sql):
-        raise InputError(
-            "the warehouse is read-only here: only SELECT / WITH / DESCRIBE / SHOW queries"
-        )
+        raise InputError(READ_ONLY_MESSAGE)
     if not root.warehouse.exists():
         raise InputError(
             f"no warehouse at {root.warehouse}; run 'cellrna demo' or 'cellrna materialize' first"
         )
     con = _connect(root.warehouse, read_only=True)
     try:
-        relation = con.sql(sql)
+        relation = con.sql(sql, params=params)
         if relation is None:  # a statement without a result
             return pl.DataFrame()
         return pl.DataFrame(pl.from_arrow(relation.to_arrow_table()))
-    except duckdb.CatalogException as exc:
+    except duckdb.Error as exc:
         msg = str(exc).splitlines()[0]
+        if "read-only" in msg.lower():  # e.g. a write after a SELECT in one string
+            raise InputError(READ_ONLY_MESSAGE) from None
+        if not isinstance(exc, duckdb.CatalogException):
+            raise InputError(msg) from None
         if "Table with name" in msg:
             known = [r[0] for r in con.execute("SHOW TABLES").fetchall()]
             msg += f" (tables: {', '.join(known)})"
         raise InputError(msg) from None
-    except (duckdb.ParserException, duckdb.BinderException, duckdb.InvalidInputException) as exc:
-        raise InputError(str(exc).splitlines()[0]) from None
-    except duckdb.Error as exc:
-        if "read-only" in str(exc).lower():
-            raise InputError("the warehouse is read-only here: only SELECT queries") from None
-        raise InputError(str(exc).splitlines()[0]) from None
     finally:
         con.close()
 

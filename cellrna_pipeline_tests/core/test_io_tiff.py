@@ -301,3 +301,69 @@ def test_omezarr_source(tmp_path):
     (path / ".zattrs").write_text("{broken")
     with pytest.raises(InputError, match=r"img\.ome\.zarr: cannot read OME-Zarr metadata"):
         open_source(path)
+
+
+@pytest.mark.parametrize(
+    ("write", "contiguous"),
+    [
+        (lambda p, d: tifffile.imwrite(p, d, photometric="minisblack"), True),
+        (lambda p, d: tifffile.imwrite(p, d, photometric="minisblack", byteorder=">"), True),
+        (lambda p, d: tifffile.imwrite(p, d, photometric="minisblack", compression="zlib"), False),
+    ],
+    ids=["uncompressed", "big-endian", "zlib"],
+)
+def test_channel_array_reads_only_what_is_sliced(tmp_path, write, contiguous):
+    data = tczyx_data((1, 1, 7, 20, 24))[0, 0]
+    path = tmp_path / "z.tif"
+    write(path, data)
+    with open_source(path, voxel_size=VoxelSize(1, 0.1, 0.1)) as src:
+        arr = src.channel_array(0, 0)
+        assert arr.shape == data.shape and arr.dtype == np.uint16 and arr.ndim == 3
+        for key in [
+            (slice(None),) * 3,
+            (slice(2, 5), slice(3, 17), slice(0, 9)),
+            (slice(1, 7, 2), slice(None, None, 3), slice(5, None)),
+            (4, slice(0, 1), slice(None)),
+            (slice(0, 0), slice(None), slice(None)),
+            (-1,),
+        ]:
+            np.testing.assert_array_equal(arr[key], data[key])
+        assert (src._contiguous is not None) == contiguous  # type: ignore[attr-defined]
+        # a timepoint's dask chunks read through the same reader
+        np.testing.assert_array_equal(src.timepoint_dask(0, chunk_z=3).compute()[0], data)
+
+
+def test_channel_array_of_a_hyperstack_and_of_ome_zarr(tmp_path):
+    data = tczyx_data((2, 3, 4, 16, 20))
+    path = tmp_path / "h.tif"
+    tifffile.imwrite(path, to_axes(data, "TZCYX"), imagej=True, metadata={"axes": "TZCYX"})
+    with open_source(path, voxel_size=VoxelSize(1, 0.1, 0.1)) as src:
+        np.testing.assert_array_equal(src.channel_array(1, 2)[1:3, 4:], data[1, 2, 1:3, 4:])
+        with pytest.raises(InputError, match="channel 3 out of range"):
+            src.channel_array(0, 3)
+    meta = ImageMeta(data.shape, "uint16", VoxelSize(1, 0.1, 0.1), ("a", "b", "c"))
+    write_image(tmp_path / "i.ome.zarr", data, meta)
+    with open_source(tmp_path / "i.ome.zarr") as src:
+        np.testing.assert_array_equal(src.channel_array(1, 0)[:, 5:9], data[1, 0, :, 5:9])
+
+
+def test_channel_array_refuses_nan_in_the_region_read(tmp_path):
+    data = np.ones((3, 8, 8), np.float32)
+    data[2, 1, 1] = np.inf
+    path = tmp_path / "f.tif"
+    tifffile.imwrite(path, data, photometric="minisblack")
+    with open_source(path, voxel_size=VoxelSize(1, 0.1, 0.1)) as src:
+        arr = src.channel_array()
+        np.testing.assert_array_equal(arr[:2], data[:2])
+        with pytest.raises(InputError, match="t=0: 1 NaN or infinite"):
+            arr[1:]
+
+
+def test_a_file_without_voxel_size_may_be_opened_with_a_placeholder(tmp_path):
+    path = tmp_path / "p.tif"
+    tifffile.imwrite(path, np.ones((3, 8, 8), np.uint16))
+    with open_source(path, voxel_size_required=False) as src:
+        assert src.meta.voxel_size.as_tuple() == (1.0, 1.0, 1.0)
+        assert src.meta.extra["voxel_size_known"] is False
+    with open_source(path, voxel_size=VoxelSize(1, 0.1, 0.1)) as src:
+        assert src.meta.extra["voxel_size_known"] is True

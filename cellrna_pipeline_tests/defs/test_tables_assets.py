@@ -7,62 +7,19 @@ import polars as pl
 import pytest
 from dagster import DagsterInstance, materialize
 
-from cellrna_pipeline.core.experiment import register_experiment
-from cellrna_pipeline.core.io import (
-    create_image,
-    create_labels,
-    write_label_timepoint,
-    write_timepoint,
-)
-from cellrna_pipeline.core.synth import load_ground_truth
 from cellrna_pipeline.defs.assets.reports import experiment_report, qc_preview
 from cellrna_pipeline.defs.assets.tables import statistics_tables, warehouse
 from cellrna_pipeline.defs.partitions import EXPERIMENTS
 from cellrna_pipeline.defs.resources import DataRootResource
-from cellrna_pipeline.integrations.warehouse import query, write_partition
+from cellrna_pipeline.integrations.warehouse import query
+from cellrna_pipeline_tests.conftest import seed_processed_from_truth
 
 
 @pytest.fixture
 def processed_from_truth(data_root, tiny_acquisition_dir):
-    """Register the tiny acquisition and write a processed container whose labels and
+    """The tiny acquisition registered as exp1 with a processed container whose labels and
     spots are the ground truth (as if every stage were perfect)."""
-    record = register_experiment(data_root, "exp1", tiny_acquisition_dir)
-    truth = load_ground_truth(tiny_acquisition_dir)
-    path = data_root.processed("exp1")
-    create_image(path, record.image_meta)
-    for name in ("cells", "nuclei", "tracks"):
-        create_labels(path, name)
-    for t in range(record.n_timepoints):
-        write_timepoint(path, t, truth.image[t])
-        write_label_timepoint(path, "cells", t, truth.cells[t])
-        write_label_timepoint(path, "nuclei", t, truth.nuclei[t])
-        write_label_timepoint(path, "tracks", t, truth.cells[t])  # GT labels are track ids
-        spots = truth.spot_table.filter(pl.col("timepoint") == t).with_columns(
-            pl.lit(0.0).alias("distance_to_nucleus_um")
-        )
-        write_partition(data_root, "spots", "exp1", spots, timepoint=t)
-    lineage = truth.lineage.rename(
-        {"label": "track_id", "begin_t": "begin", "end_t": "end", "parent_label": "parent_track_id"}
-    )
-    write_partition(data_root, "lineage", "exp1", lineage)
-    # The tracker's tables, in its own column names (t, label, z_um ...), as cell_tracks writes them.
-    from cellrna_pipeline.core.analysis import cell_features
-
-    points = pl.concat(
-        cell_features(truth.cells[t], None, voxel_size=truth.voxel_size).select(
-            pl.col("cell_id").alias("track_id"),
-            pl.lit(t).alias("t"),
-            pl.col("cell_id").alias("label"),
-            pl.col("centroid_z_um").alias("z_um"),
-            pl.col("centroid_y_um").alias("y_um"),
-            pl.col("centroid_x_um").alias("x_um"),
-        )
-        for t in range(record.n_timepoints)
-    )
-    folder = data_root.tables("tracks", "exp1")
-    folder.mkdir(parents=True, exist_ok=True)
-    points.write_parquet(folder / "tracks.parquet")
-    return truth
+    return seed_processed_from_truth(data_root, tiny_acquisition_dir, "exp1")
 
 
 def test_tables_and_warehouse_from_ground_truth(data_root, processed_from_truth):

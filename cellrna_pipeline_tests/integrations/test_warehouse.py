@@ -66,8 +66,22 @@ def test_load_is_idempotent_and_replaces_only_its_experiment(tmp_path):
     # A partition rewritten with fewer rows replaces the old ones on the next load.
     write_partition(root, "lineage", "e1", _lineage(1))
     load_experiment(root, "e1")
-    assert query(root, "SELECT count(*) FROM lineage WHERE experiment = 'e1'").item() == 1
+    assert (
+        query(root, "SELECT count(*) FROM lineage WHERE experiment = $e", {"e": "e1"}).item() == 1
+    )
     assert read_partitions(root, "cells", "e1").height == 0
+
+
+def test_query_parameters_are_values_not_sql(tmp_path):
+    root = DataRoot(tmp_path)
+    write_partition(root, "lineage", "e1", _lineage(3))
+    write_partition(root, "lineage", "e2", _lineage(5))
+    load_experiment(root, "e1")
+    load_experiment(root, "e2")
+    sql = "SELECT count(*) FROM lineage WHERE experiment = $experiment"
+    assert query(root, sql, {"experiment": "e2"}).item() == 5
+    assert query(root, sql, {"experiment": "e1' OR '1'='1"}).item() == 0
+    assert query(root, "SELECT count(*) FROM lineage WHERE experiment = ?", ["e1"]).item() == 3
 
 
 @pytest.mark.parametrize(

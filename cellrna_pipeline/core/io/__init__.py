@@ -5,10 +5,12 @@ Axis order is ``t, c, z, y, x``; physical sizes are micrometres, times seconds. 
 """
 
 from cellrna_pipeline.core.io.atomic import (
+    all_or_nothing,
     atomic_dir,
     atomic_path,
     atomic_write_bytes,
     atomic_write_text,
+    discard,
 )
 from cellrna_pipeline.core.io.omezarr import (
     NGFF_VERSION,
@@ -35,6 +37,7 @@ __all__ = [
     "OmeZarrSource",
     "Source",
     "TiffSource",
+    "all_or_nothing",
     "atomic_dir",
     "atomic_path",
     "atomic_write_bytes",
@@ -42,6 +45,7 @@ __all__ = [
     "auto_chunks_zyx",
     "create_image",
     "create_labels",
+    "discard",
     "list_labels",
     "open_image",
     "open_source",

@@ -56,6 +56,24 @@ class Source(abc.ABC):
     def _read_timepoint(self, t: int) -> np.ndarray:
         """``(c, z, y, x)`` for a valid ``t``."""
 
+    def channel_array(self, t: int = 0, c: int = 0) -> ChannelArray:
+        """One channel of one timepoint as a lazy ``(z, y, x)`` array.
+
+        Slicing it (``arr[z0:z1, y0:y1, x0:x1]``) reads only that region of the file; give
+        it to ``dask.array.from_array`` (or any code that reads block by block) to process
+        a volume larger than memory with the chunking of the consumer's choice.
+        NaN/inf in float data raise :class:`InputError` when a region holding them is read.
+        """
+        t = self._check_t(t)
+        n_c = self.meta.shape_tczyx[1]
+        if isinstance(c, bool) or not isinstance(c, int | np.integer) or not 0 <= c < n_c:
+            raise InputError(f"{self.path}: channel {c!r} out of range 0..{n_c - 1}")
+        return ChannelArray(self, t, int(c))
+
+    def _read_region(self, t: int, c: int, region_zyx: tuple[slice, slice, slice]) -> np.ndarray:
+        """``(z, y, x)`` region of channel ``c`` at ``t``; the default reads the timepoint."""
+        return self._read_timepoint(t)[c][region_zyx]
+
     def timepoint_dask(self, t: int, *, chunk_z: int | None = None) -> Any:
         """Timepoint ``t`` as a lazy dask array ``(c, z, y, x)`` of ``meta.dtype``.
 
@@ -109,6 +127,50 @@ class Source(abc.ABC):
         )
 
 
+class ChannelArray:
+    """A lazy ``(z, y, x)`` view of one channel of a :class:`Source` (see
+    :meth:`Source.channel_array`): ``shape``, ``dtype``, ``ndim`` and basic slicing."""
+
+    def __init__(self, source: Source, t: int, c: int) -> None:
+        self._source = source
+        self._t, self._c = t, c
+        self.shape: tuple[int, int, int] = tuple(source.meta.shape_tczyx[2:])  # type: ignore[assignment]
+        self.dtype = np.dtype(source.meta.dtype)
+        self.ndim = 3
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        key = key if isinstance(key, tuple) else (key,)
+        if len(key) > 3 or any(not isinstance(k, int | np.integer | slice) for k in key):
+            raise TypeError(f"unsupported index {key!r}: integers and slices only")
+        key = key + (slice(None),) * (3 - len(key))
+        # Read the bounding slices (step 1), then apply steps and integer picks here.
+        bounds: list[slice] = []
+        rest: list[slice | int] = []
+        for k, n in zip(key, self.shape, strict=True):
+            if isinstance(k, slice):
+                start, stop, step = k.indices(n)
+                if step < 0:
+                    bounds.append(slice(0, n))
+                    rest.append(k)
+                else:
+                    bounds.append(slice(start, max(start, stop)))
+                    rest.append(slice(None, None, step))
+            else:
+                i = int(k) % n if -n <= int(k) < n else int(k)
+                if not 0 <= i < n:
+                    raise IndexError(f"index {k} out of range for size {n}")
+                bounds.append(slice(i, i + 1))
+                rest.append(0)
+        z, y, x = bounds
+        region = self._source._read_region(self._t, self._c, (z, y, x))
+        check_finite(region, where=f"{self._source.path} t={self._t}")
+        return region[tuple(rest)]
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        data = self[:, :, :]
+        return data if dtype is None else data.astype(dtype)
+
+
 def build_meta(
     path: Path,
     *,
@@ -120,20 +182,29 @@ def build_meta(
     channel_names: Sequence[str] | None,
     frame_interval_s: float | None,
     extra: dict[str, Any],
+    voxel_size_required: bool = True,
 ) -> ImageMeta:
     """Combine what a file says with what the user gave (the user wins) and validate.
+
+    ``voxel_size_required=False`` accepts a file without any voxel size: the meta then
+    holds a 1 um placeholder and ``extra["voxel_size_known"]`` is false.
 
     Raises
     ------
     InputError
-        Unsupported dtype, no voxel size anywhere, bad channel names.
+        Unsupported dtype, no voxel size anywhere (when required), bad channel names.
     """
     dt = check_pixel_dtype(dtype, where=str(path))
     if voxel_size is not None and not isinstance(voxel_size, VoxelSize):
         raise InputError(f"voxel_size must be a VoxelSize, got {voxel_size!r}")
     voxel = voxel_size if voxel_size is not None else metadata_voxel_size
+    known = voxel is not None
     if voxel is None:
-        raise InputError(f"{path} has no physical voxel size in its metadata; {NO_VOXEL_SIZE_HINT}")
+        if voxel_size_required:
+            raise InputError(
+                f"{path} has no physical voxel size in its metadata; {NO_VOXEL_SIZE_HINT}"
+            )
+        voxel = VoxelSize(1.0, 1.0, 1.0)
     n_c = shape_tczyx[1]
     if channel_names is not None:
         names = (channel_names,) if isinstance(channel_names, str) else tuple(channel_names)
@@ -154,7 +225,11 @@ def build_meta(
         voxel_size=voxel,
         channel_names=names,
         frame_interval_s=frame_interval_s,
-        extra={**extra, "voxel_size_from_metadata": voxel_size is None},
+        extra={
+            **extra,
+            "voxel_size_from_metadata": voxel_size is None and known,
+            "voxel_size_known": known,
+        },
     )
 
 

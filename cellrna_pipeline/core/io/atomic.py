@@ -17,14 +17,18 @@ import errno
 import os
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+from cellrna_pipeline.core.faults import checkpoint
+
 __all__ = [
+    "all_or_nothing",
     "atomic_dir",
     "atomic_path",
     "atomic_write_bytes",
     "atomic_write_text",
+    "discard",
     "temporary_sibling",
 ]
 
@@ -90,6 +94,8 @@ def atomic_path(final_path: str | os.PathLike[str]) -> Iterator[Path]:
     tmp = temporary_sibling(final)
     try:
         yield tmp
+        if final.suffix:
+            checkpoint(f"{final.suffix[1:]}.before_rename")  # e.g. parquet.before_rename
         os.replace(tmp, final)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -141,3 +147,59 @@ def atomic_dir(final_path: str | os.PathLike[str], *, exist_ok: bool = False) ->
         if lost_race and not isinstance(exc, FileExistsError):
             raise FileExistsError(errno.EEXIST, "destination exists", str(final)) from exc
         raise
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
+@contextlib.contextmanager
+def all_or_nothing(paths: Iterable[str | os.PathLike[str]]) -> Iterator[None]:
+    """Replace a set of files and folders as a whole: the block's result, or the old state.
+
+    Each existing path is first renamed to a hidden temporary sibling (so the block starts
+    from nothing there). If the block raises, whatever it created at those paths is
+    deleted and the originals are renamed back; if it succeeds, the originals are deleted.
+
+    Parameters
+    ----------
+    paths : files or folders the block may (re)create.
+
+    Notes
+    -----
+    Each rename is atomic, the set is not: a process killed inside the block leaves the
+    originals under their ``.tmp-`` names and the block's partial result in place (a
+    rerun of the block replaces that result; the ``.tmp-`` copies can be deleted).
+    """
+    targets = [Path(p) for p in paths]
+    moved: list[tuple[Path, Path]] = []
+    try:
+        for path in targets:
+            if path.exists() or path.is_symlink():
+                tmp = temporary_sibling(path)
+                os.rename(path, tmp)
+                moved.append((path, tmp))
+        yield
+    except BaseException:
+        for path in targets:
+            _remove(path)
+        for path, tmp in moved:
+            os.rename(tmp, path)
+        raise
+    for _, tmp in moved:
+        _remove(tmp)
+
+
+def discard(path: str | os.PathLike[str]) -> None:
+    """Delete a file or folder so that it disappears at once: rename it to a hidden
+    temporary sibling (atomic), then delete that. A missing ``path`` is fine."""
+    doomed = temporary_sibling(path)
+    try:
+        os.rename(path, doomed)
+    except FileNotFoundError:
+        return
+    _remove(doomed)

@@ -26,7 +26,6 @@ import json
 import math
 import os
 import re
-import shutil
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,13 +36,14 @@ import zarr
 from zarr.storage import LocalStore
 
 from cellrna_pipeline.core.errors import InputError
+from cellrna_pipeline.core.faults import checkpoint
 from cellrna_pipeline.core.io._validate import (
     cast_safely,
     check_label_dtype,
     check_pixel_dtype,
     one_line,
 )
-from cellrna_pipeline.core.io.atomic import atomic_dir, atomic_write_text, temporary_sibling
+from cellrna_pipeline.core.io.atomic import atomic_dir, atomic_write_text, discard
 from cellrna_pipeline.core.io.units import length_to_um, time_to_s
 from cellrna_pipeline.core.types import AXES_TCZYX, ImageMeta, VoxelSize
 
@@ -417,6 +417,7 @@ def _build_multiscale(
             {"ome": {"version": ngff_version, "multiscales": [multiscale], **extra_ome}}
         )
     _write_group_json(directory / STATUS_GROUP, zarr_format, status_attrs)
+    checkpoint("zarr.create.before_rename")
 
 
 def _marker_dir(ms_root: Path, t: int) -> Path:
@@ -424,15 +425,7 @@ def _marker_dir(ms_root: Path, t: int) -> Path:
 
 
 def _remove_marker(ms_root: Path, t: int) -> None:
-    marker = _marker_dir(ms_root, t)
-    if not marker.exists():
-        return
-    doomed = temporary_sibling(marker)
-    try:
-        os.rename(marker, doomed)  # atomic: the timepoint stops counting as written at once
-    except FileNotFoundError:
-        return
-    shutil.rmtree(doomed, ignore_errors=True)
+    discard(_marker_dir(ms_root, t))  # atomic: the timepoint stops counting as written at once
 
 
 def _write_marker(ms: _Multiscale, t: int) -> None:
@@ -514,6 +507,8 @@ def _write_pyramid_timepoint(
         array = ms.array(level, write=True)
         array[t] = level_data
         _remove_partial_chunks(ms.root / ms.paths[level], array, t)
+        if level == 0:
+            checkpoint("zarr.timepoint.partial")
     if track:
         _write_marker(ms, t)
 
@@ -622,6 +617,8 @@ def _write_pyramid_timepoint_dask(ms: _Multiscale, t: int, data_czyx: Any, *, la
             region = (slice(t, t + 1), *band)
             da.store(data[band][None], array, regions=region, lock=False)  # type: ignore[arg-type]
         _remove_partial_chunks(ms.root / ms.paths[level], array, t)
+        if level == 0:
+            checkpoint("zarr.timepoint.partial")
     if track:
         _write_marker(ms, t)
 

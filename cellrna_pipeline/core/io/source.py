@@ -26,9 +26,15 @@ class OmeZarrSource(Source):
     def __init__(self, path: Path, meta: ImageMeta) -> None:
         self.path = path
         self.meta = meta
+        self._lazy: Any = None
 
     def _read_timepoint(self, t: int) -> np.ndarray:
         return omezarr.read_timepoint(self.path, t, level=0)
+
+    def _read_region(self, t: int, c: int, region_zyx: tuple[slice, slice, slice]) -> np.ndarray:
+        if self._lazy is None:
+            self._lazy = omezarr.open_image(self.path, level=0)
+        return np.asarray(self._lazy[(t, c, *region_zyx)])
 
     def timepoint_dask(self, t: int, *, chunk_z: int | None = None) -> Any:
         """Lazy ``(c, z, y, x)`` of timepoint ``t`` with the container's own chunks
@@ -47,6 +53,7 @@ def open_source(
     *,
     voxel_size: VoxelSize | None = None,
     channel_names: Sequence[str] | None = None,
+    voxel_size_required: bool = True,
 ) -> Source:
     """Open an acquisition for ingestion without loading it.
 
@@ -57,7 +64,9 @@ def open_source(
     ----------
     path : a file (TIFF) or a directory (OME-Zarr).
     voxel_size : physical voxel size (um, ``zyx``); overrides the file's metadata and is
-        required when the file has none (plain TIFF).
+        required when the file has none (plain TIFF), unless ``voxel_size_required`` is
+        false: then such a file gets a 1 um placeholder and ``meta.extra["voxel_size_known"]``
+        is false.
     channel_names : one unique name per channel; overrides the file's names (default
         from the metadata, else ``c0, c1, ...``).
 
@@ -80,20 +89,34 @@ def open_source(
     if p.is_dir():
         if not _is_zarr_dir(p):
             raise InputError(f"{p}: a directory that is not an OME-Zarr image")
-        return _open_omezarr(p, voxel_size=voxel_size, channel_names=channel_names)
+        return _open_omezarr(
+            p,
+            voxel_size=voxel_size,
+            channel_names=channel_names,
+            voxel_size_required=voxel_size_required,
+        )
     if p.stat().st_size == 0:
         raise InputError(f"{p}: empty file")
     with open(p, "rb") as fh:
         magic = fh.read(4)
     if magic in _TIFF_MAGIC or p.suffix.lower() in (".tif", ".tiff", ".btf", ".tf8"):
-        return open_tiff(p, voxel_size=voxel_size, channel_names=channel_names)
+        return open_tiff(
+            p,
+            voxel_size=voxel_size,
+            channel_names=channel_names,
+            voxel_size_required=voxel_size_required,
+        )
     raise InputError(
         f"{p}: unsupported file format (expected TIFF/OME-TIFF or an OME-Zarr directory)"
     )
 
 
 def _open_omezarr(
-    path: Path, *, voxel_size: VoxelSize | None, channel_names: Sequence[str] | None
+    path: Path,
+    *,
+    voxel_size: VoxelSize | None,
+    channel_names: Sequence[str] | None,
+    voxel_size_required: bool,
 ) -> OmeZarrSource:
     stored = omezarr.read_image_meta(path)
     from_metadata = bool(stored.extra.get("voxel_size_from_metadata"))
@@ -107,5 +130,6 @@ def _open_omezarr(
         channel_names=channel_names,
         frame_interval_s=stored.frame_interval_s,
         extra={**stored.extra, "format": "ome-zarr"},
+        voxel_size_required=voxel_size_required,
     )
     return OmeZarrSource(path, meta)

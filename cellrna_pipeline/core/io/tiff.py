@@ -24,7 +24,7 @@ import numpy as np
 
 from cellrna_pipeline.core.errors import InputError
 from cellrna_pipeline.core.io._base import Source, build_meta
-from cellrna_pipeline.core.io._validate import one_line
+from cellrna_pipeline.core.io._validate import check_finite, one_line
 from cellrna_pipeline.core.io.units import length_to_um, time_to_s
 from cellrna_pipeline.core.types import VoxelSize
 
@@ -244,26 +244,97 @@ def _check_extent(path: Path, tif: Any, series: Any) -> None:
             raise InputError(f"{path}: truncated TIFF (data ends past the end of the file)")
 
 
-class _CheckedReader:
-    """Array-like over tifffile's zarr store that turns read errors into InputError."""
+class _ContiguousReader:
+    """Array-like over uncompressed pixel data stored as one contiguous block of the file.
 
-    def __init__(self, array: Any, path: Path) -> None:
-        self._array = array
+    Each ``__getitem__`` reads only the rows it needs, one ``os.pread`` per plane (the
+    requested rows at full width), so memory holds the requested region and never the
+    file. No memory map: pages of a mapping that has been read stay in the process's
+    resident set until it is unmapped, so mapping a 2 GiB file and reading it chunk by
+    chunk would count 2 GiB.
+    """
+
+    def __init__(self, path: Path, offset: int, shape: Sequence[int], dtype: np.dtype) -> None:
         self._path = path
-        self.shape = tuple(array.shape)
-        self.dtype = array.dtype
+        self._offset = int(offset)
+        self.shape = tuple(int(n) for n in shape)
         self.ndim = len(self.shape)
+        self._file_dtype = dtype  # byte order of the file
+        self.dtype = dtype.newbyteorder("=")
+        self._fd: int | None = os.open(path, os.O_RDONLY)
 
     def __getitem__(self, key: Any) -> np.ndarray:
+        if self._fd is None:
+            raise ValueError(f"{self._path} is closed")
+        key = key if isinstance(key, tuple) else (key,)
+        if len(key) > self.ndim or any(not isinstance(k, int | np.integer | slice) for k in key):
+            raise TypeError(f"unsupported index {key!r}: integers and slices only")
+        key = key + (slice(None),) * (self.ndim - len(key))
+        picks = [
+            np.arange(*k.indices(n)) if isinstance(k, slice) else np.array([int(k) % n])
+            for k, n in zip(key, self.shape, strict=True)
+        ]
+        out_shape = [len(ix) for ix in picks]
+        out = np.empty(out_shape, dtype=self.dtype)
+        if 0 in out_shape:
+            return out[tuple(0 if isinstance(k, int | np.integer) else slice(None) for k in key)]
+        n_y, n_x = self.shape[-2:]
+        ys = picks[-2]
+        y0, y1 = int(ys.min()), int(ys.max()) + 1
+        row_bytes = n_x * self._file_dtype.itemsize
+        x_key = key[-1] if isinstance(key[-1], slice) else picks[-1]
+        lead = self.shape[:-2]
+        for pos in np.ndindex(*out_shape[:-2]):
+            plane = (
+                int(
+                    np.ravel_multi_index(
+                        [ix[i] for ix, i in zip(picks[:-2], pos, strict=True)], lead
+                    )
+                )
+                if lead
+                else 0
+            )
+            want = (y1 - y0) * row_bytes
+            buf = os.pread(self._fd, want, self._offset + (plane * n_y + y0) * row_bytes)
+            if len(buf) != want:
+                raise InputError(
+                    f"{self._path}: truncated TIFF (data ends past the end of the file)"
+                )
+            rows = np.frombuffer(buf, dtype=self._file_dtype).reshape(y1 - y0, n_x)
+            out[pos] = rows[ys - y0][:, x_key]
+        return out[tuple(0 if isinstance(k, int | np.integer) else slice(None) for k in key)]
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+class _CheckedReader:
+    """Array-like that turns read errors into InputError and refuses NaN/inf."""
+
+    def __init__(self, array: Any, path: Path, where: str | None = None) -> None:
+        self._array = array
+        self._path = path
+        self._where = where or str(path)
+        self.shape = tuple(array.shape)
+        self.dtype = np.dtype(array.dtype)
+        self.ndim = len(self.shape)
+
+    def read(self, key: Any) -> np.ndarray:
+        """``array[key]`` with read errors as InputError (no NaN check)."""
         with _tifffile_errors(self._path):
-            data = np.asarray(self._array[key])
-        if data.dtype.kind == "f" and not np.isfinite(data).all():
-            raise InputError(f"{self._path}: NaN or infinite values")
+            return np.asarray(self._array[key])
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        data = self.read(key)
+        check_finite(data, where=self._where)
         return data
 
 
 class TiffSource(Source):
-    """A TIFF file read lazily: each :meth:`read_timepoint` decodes only that timepoint's pages.
+    """A TIFF file read lazily: every read decodes only the pages (or, for uncompressed
+    contiguous data, the rows) it needs.
 
     Create it with :func:`open_tiff` (or :func:`~cellrna_pipeline.core.io.open_source`).
     """
@@ -274,33 +345,63 @@ class TiffSource(Source):
         self._tif = tif
         self._series = series
         self._plan = plan
-        self._array: Any = None
+        self._reader: _CheckedReader | None = None
+        self._contiguous: _ContiguousReader | None = None
+
+    def _series_array(self) -> _CheckedReader:
+        """The whole series as a lazy array: rows read directly where the data is one
+        uncompressed block in this file, else tifffile's zarr store (pages/tiles)."""
+        if self._reader is None:
+            with _tifffile_errors(self.path):
+                series, tif = self._series, self._tif
+                offset = series.dataoffset
+                if offset is not None and all(
+                    getattr(page, "parent", None) is tif for page in series.pages
+                ):
+                    dtype = np.dtype(series.dtype).newbyteorder(tif.byteorder)
+                    self._contiguous = _ContiguousReader(self.path, offset, series.shape, dtype)
+                    array: Any = self._contiguous
+                else:
+                    import zarr
+
+                    array = zarr.open(series.aszarr(level=0), mode="r")
+            self._reader = _CheckedReader(array, self.path)
+        return self._reader
 
     def _read_timepoint(self, t: int) -> np.ndarray:
-        import zarr
+        # NaN/inf are checked by the caller, which names the timepoint.
+        return self._plan.to_czyx(self._series_array().read(self._plan.index_for(t)))
 
-        with _tifffile_errors(self.path):
-            if self._array is None:
-                self._array = zarr.open(self._series.aszarr(level=0), mode="r")
-            data = np.asarray(self._array[self._plan.index_for(t)])
-        return self._plan.to_czyx(data)
+    def _read_region(self, t: int, c: int, region_zyx: tuple[slice, slice, slice]) -> np.ndarray:
+        key: list[int | slice] = []
+        spatial = dict(zip("ZYX", region_zyx, strict=True))
+        for letter in self._plan.canonical:
+            if letter == "T":
+                key.append(t)
+            elif letter == "C":
+                key.append(c)
+            elif letter == "-":
+                key.append(0)
+            else:
+                key.append(spatial[letter])
+        data = self._series_array().read(tuple(key))  # kept axes: z, y, x in file order
+        if "Z" not in self._plan.canonical:
+            data = data[np.newaxis][region_zyx[0]]
+        return data
 
     def timepoint_dask(self, t: int, *, chunk_z: int | None = None) -> Any:
         """Lazy ``(c, z, y, x)`` dask array of timepoint ``t``; chunks read whole planes.
 
-        Each chunk decodes only its own pages (strips/tiles) through tifffile's zarr
-        store, never the whole file and never through a memory map, so the memory of a
-        copy is bounded by ``chunk_z`` planes per worker thread. Use the threaded (or
-        synchronous) scheduler: the open file cannot be pickled to other processes.
+        Each chunk reads only its own planes (rows of an uncompressed file, else the
+        pages/tiles through tifffile's zarr store), never the whole file and never through
+        a memory map, so the memory of a copy is bounded by ``chunk_z`` planes per worker
+        thread. Use the threaded (or synchronous) scheduler: the open file cannot be
+        pickled to other processes.
         """
         import dask.array as da
-        import zarr
 
         t = self._check_t(t)
-        with _tifffile_errors(self.path):
-            if self._array is None:
-                self._array = zarr.open(self._series.aszarr(level=0), mode="r")
-            array = self._array
+        array = _CheckedReader(self._series_array()._array, self.path, f"{self.path} t={t}")
         shape = array.shape
         nz = self.meta.shape_tczyx[2]
         cz = nz if chunk_z is None else max(1, min(int(chunk_z), nz))
@@ -309,15 +410,15 @@ class TiffSource(Source):
             for c, n in zip(self._plan.canonical, shape, strict=True)
         )
         lazy = da.from_array(
-            _CheckedReader(array, self.path),
-            chunks=chunks,
-            asarray=True,
-            meta=np.empty((0,) * len(shape), dtype=array.dtype),
+            array, chunks=chunks, asarray=True, meta=np.empty((0,) * len(shape), array.dtype)
         )
         return self._plan.to_czyx(lazy[self._plan.index_for(t)])
 
     def close(self) -> None:
-        self._array = None
+        self._reader = None
+        if self._contiguous is not None:
+            self._contiguous.close()
+            self._contiguous = None
         if self._tif is not None:
             self._tif.close()
             self._tif = None
@@ -328,6 +429,7 @@ def open_tiff(
     *,
     voxel_size: VoxelSize | None = None,
     channel_names: Sequence[str] | None = None,
+    voxel_size_required: bool = True,
 ) -> TiffSource:
     """Open an OME-TIFF, ImageJ hyperstack or plain TIFF for lazy reading.
 
@@ -336,6 +438,7 @@ def open_tiff(
     path : the file.
     voxel_size : overrides the file's voxel size (um); required if the file has none.
     channel_names : overrides the file's channel names (one per channel, unique).
+    voxel_size_required : as in :func:`~cellrna_pipeline.core.io.open_source`.
 
     Returns
     -------
@@ -361,7 +464,7 @@ def open_tiff(
             tif = tifffile.TiffFile(p)
             n_pages = len(tif.pages)  # walks the whole IFD chain: finds truncated chains
             if n_pages == 0 or not tif.series:
-                raise InputError(f"{p}: corrupt TIFF (no readable image)")
+                raise InputError(f"{p}: corrupt or unreadable TIFF (no image in it)")
             series = tif.series[0]
             shape = tuple(int(s) for s in series.shape)
             axes = str(series.axes)
@@ -378,7 +481,9 @@ def open_tiff(
             dtype = np.dtype(series.dtype)
         n_real = sum(1 for s in shape if s > 1)
         if len(shape) < 2:
-            raise InputError(f"{p}: {len(shape)}-D image, expected 2 to 5 dimensions")
+            raise InputError(
+                f"{p}: {len(shape)}-D image, expected 2-D (y, x) to 5-D (t, c, z, y, x)"
+            )
         if n_real > 5:
             raise InputError(
                 f"{p}: {n_real}-D image {shape} ({axes}), expected at most 5 dimensions"
@@ -410,6 +515,7 @@ def open_tiff(
                 "axes": axes,
                 "series": 0,
             },
+            voxel_size_required=voxel_size_required,
         )
         return TiffSource(p, tif, series, plan, meta)
     except BaseException:

@@ -68,22 +68,26 @@ def experiment_report(
 ) -> MaterializeResult:
     experiment = context.partition_key
     root = data_root.root
-    where = f"WHERE experiment = '{experiment}'"
-    tracks = query(root, f"SELECT * FROM tracks {where}")
-    lineage = query(root, f"SELECT * FROM lineage {where}")
-    summary = query(root, f"SELECT * FROM experiment_summary {where}")
-    behavior = query(root, f"SELECT * FROM cell_behavior {where} ORDER BY track_id")
+    where = "WHERE experiment = $experiment"
+    params = {"experiment": experiment}
+    tracks = query(root, f"SELECT * FROM tracks {where}", params)
+    lineage = query(root, f"SELECT * FROM lineage {where}", params)
+    summary = query(root, f"SELECT * FROM experiment_summary {where}", params)
+    behavior = query(root, f"SELECT * FROM cell_behavior {where} ORDER BY track_id", params)
     per_cell = query(
         root,
         f"""SELECT channel, count(*) AS cells, avg(n_spots) AS mean_spots_per_cell,
                    avg(nuclear_fraction) AS mean_nuclear_fraction,
                    avg(mean_distance_to_nucleus_um) AS mean_distance_to_nucleus_um
             FROM rna_localization {where} GROUP BY channel ORDER BY channel""",
+        params,
     )
-    distances = query(root, f"SELECT distance_to_nucleus_um FROM spots {where} AND cell_id > 0")
+    distances = query(
+        root, f"SELECT distance_to_nucleus_um FROM spots {where} AND cell_id > 0", params
+    )
     path = root.processed(experiment)
     meta = read_image_meta(path)
-    t0_spots = query(root, f"SELECT * FROM spots {where} AND timepoint = 0")
+    t0_spots = query(root, f"SELECT * FROM spots {where} AND timepoint = 0", params)
     trajectory = report.trajectory_map(
         tracks, lineage, title=f"{experiment}: tracks coloured by lineage"
     )

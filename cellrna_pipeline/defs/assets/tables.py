@@ -148,7 +148,10 @@ def warehouse(context: AssetExecutionContext, data_root: DataRootResource) -> It
     experiment = context.partition_key
     root = data_root.root
     counts = load_experiment(root, experiment)
-    summary = query(root, f"SELECT * FROM experiment_summary WHERE experiment = '{experiment}'")
+    by_experiment = {"experiment": experiment}
+    summary = query(
+        root, "SELECT * FROM experiment_summary WHERE experiment = $experiment", by_experiment
+    )
     yield MaterializeResult(
         metadata={
             **{f"rows_{k}": v for k, v in counts.items()},
@@ -162,7 +165,8 @@ def warehouse(context: AssetExecutionContext, data_root: DataRootResource) -> It
     rows = dict(
         query(
             root,
-            f"SELECT timepoint, count(*) FROM cells WHERE experiment = '{experiment}' GROUP BY 1",
+            "SELECT timepoint, count(*) FROM cells WHERE experiment = $experiment GROUP BY 1",
+            by_experiment,
         ).rows()
     )
     mismatched = []
@@ -178,9 +182,10 @@ def warehouse(context: AssetExecutionContext, data_root: DataRootResource) -> It
     )
     orphans = query(
         root,
-        f"""SELECT count(*) FROM spots s WHERE s.experiment = '{experiment}' AND s.cell_id > 0
+        """SELECT count(*) FROM spots s WHERE s.experiment = $experiment AND s.cell_id > 0
             AND NOT EXISTS (SELECT 1 FROM cells c WHERE c.experiment = s.experiment
                             AND c.timepoint = s.timepoint AND c.cell_id = s.cell_id)""",
+        by_experiment,
     ).item()
     yield AssetCheckResult(
         check_name="check_warehouse_spots_in_known_cells",
