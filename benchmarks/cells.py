@@ -21,7 +21,7 @@ Usage::
 
     OMP_WAIT_POLICY=PASSIVE nice .venv/bin/python benchmarks/cells.py [--data ../shared/data]
         [--model model_registry/cell-maskrcnn] [--synthetic 3] [--datasets synth,stardist3d]
-        [--json out.json]
+        [--json out.json] [--record]
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ from cellrna_pipeline.core.segmentation.evaluate import (  # noqa: E402
     score_volumes,
     synthetic_volumes,
 )
+from cellrna_pipeline.core.segmentation.train import write_model_card  # noqa: E402
 
 ALL = ("synth", "synth-random", "synth-nuclei", "stardist3d", "ctc-msc")
 DEFAULT = ("synth", "synth-random", "synth-nuclei", "stardist3d")
@@ -97,6 +98,22 @@ def run_method(
     return scores, seconds
 
 
+def record_in_model_folder(folder: Path, results: dict[str, dict[str, object]], command: str):
+    """Write the Mask R-CNN scores of ``results`` into ``folder/metrics.json``: one
+    ``benchmark_<dataset>`` entry per dataset run (replacing an earlier one) and its command
+    in ``benchmark_commands``; other entries are kept. The model card is written again
+    from the folder's records."""
+    path = folder / "metrics.json"
+    metrics = json.loads(path.read_text()) if path.exists() else {}
+    commands = metrics.pop("benchmark_commands", {})
+    for name, row in results.items():
+        metrics[f"benchmark_{name.replace('-', '_')}"] = row["maskrcnn"]
+        commands[name] = command
+    metrics["benchmark_commands"] = commands
+    path.write_text(json.dumps(metrics, indent=2) + "\n")
+    write_model_card(folder)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -121,6 +138,12 @@ def main(argv: list[str] | None = None) -> int:
         "given to both methods)",
     )
     parser.add_argument("--json", help="also write the results as JSON here")
+    parser.add_argument(
+        "--record",
+        action="store_true",
+        help="also record the Mask R-CNN scores in the model folder's metrics.json "
+        "(benchmark_<dataset> entries and their command; other entries kept)",
+    )
     args = parser.parse_args(argv)
 
     from cellrna_pipeline.core.device import select_device
@@ -199,6 +222,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     if args.json:
         Path(args.json).write_text(json.dumps(summary, indent=2) + "\n")
+    if args.record:
+        record_in_model_folder(Path(args.model), results, str(summary["command"]))
     print(json.dumps(summary, indent=2))
     return 0
 

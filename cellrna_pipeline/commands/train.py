@@ -26,7 +26,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("target", choices=("cells", "spots"), help="which model")
     p.add_argument("--steps", type=int, help="optimizer steps (default: the champion's recipe)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--seed", type=int, help="random seed (default 0, or the recipe's)")
     p.add_argument("--volumes", type=int, help="cells: synthetic training volumes (default 48)")
     p.add_argument(
         "--nuclei-volumes",
@@ -38,6 +38,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         type=int,
         choices=(0, 1, 2, 3),
         help="cells: neighbouring z-slices per side fed with each slice (default: the recipe's)",
+    )
+    p.add_argument(
+        "--recipe",
+        metavar="FILE",
+        help="cells: start from this training config (a TrainConfig JSON, or a model folder "
+        "whose recorded recipe is trained again) instead of the default recipe; the options "
+        "above override it",
     )
     p.add_argument(
         "--init",
@@ -92,38 +99,45 @@ def _out_dir(args: argparse.Namespace, root: Any, name: str):
 
 def _train_cells(args: argparse.Namespace) -> int:
     from cellrna_pipeline.core.paths import DataRoot
-    from cellrna_pipeline.core.segmentation.train import DatasetConfig, TrainConfig, run_training
+    from cellrna_pipeline.core.segmentation.train import (
+        DatasetConfig,
+        TrainConfig,
+        read_recipe,
+        run_training,
+    )
 
     root = DataRoot.from_env(args.home)
     if args.init is not None:
         from cellrna_pipeline.core.segmentation.model import read_model_config
 
         read_model_config(args.init)  # a one-line error now, not after making the data
-    default = TrainConfig()
-    data: dict[str, Any] = {"seed": args.seed}
+    base = read_recipe(args.recipe) if args.recipe is not None else TrainConfig()
+    data: dict[str, Any] = {}
     val: dict[str, Any] = {}
+    fields: dict[str, Any] = {}
+    if args.seed is not None:
+        data["seed"] = fields["seed"] = args.seed
     if args.volumes is not None:
         data["n_volumes"] = args.volumes
         val["n_volumes"] = max(1, min(4, args.volumes // 8))
     if args.nuclei_volumes is not None:
         data["n_nuclei_volumes"] = args.nuclei_volumes
-        val["n_nuclei_volumes"] = min(default.val_data.n_nuclei_volumes, args.nuclei_volumes)
-    fields: dict[str, Any] = {
-        "seed": args.seed,
-        "data": DatasetConfig(**{**default.data.model_dump(), **data}),
-        "val_data": DatasetConfig(**{**default.val_data.model_dump(), **val}),
-        "init_from": args.init,
-    }
+        val["n_nuclei_volumes"] = min(base.val_data.n_nuclei_volumes, args.nuclei_volumes)
+    if args.init is not None:
+        fields["init_from"] = args.init
     if args.steps is not None:
         fields["steps"] = args.steps
     if args.z_context is not None:
-        fields["model"] = default.model.model_copy(update={"z_context": args.z_context})
-    config = TrainConfig(**fields)
+        fields["model"] = base.model.model_copy(update={"z_context": args.z_context})
+    fields["data"] = DatasetConfig(**{**base.data.model_dump(), **data})
+    fields["val_data"] = DatasetConfig(**{**base.val_data.model_dump(), **val})
+    config = TrainConfig(**{**base.model_dump(), **fields})
     out = _out_dir(args, root, "cell-maskrcnn")
     command = (
         "cellrna train cells"
         + (f" --steps {args.steps}" if args.steps else "")
-        + (f" --seed {args.seed}" if args.seed else "")
+        + (f" --recipe {args.recipe}" if args.recipe else "")
+        + (f" --seed {args.seed}" if args.seed is not None else "")
         + (f" --volumes {args.volumes}" if args.volumes else "")
         + (f" --nuclei-volumes {args.nuclei_volumes}" if args.nuclei_volumes is not None else "")
         + (f" --z-context {args.z_context}" if args.z_context is not None else "")
@@ -207,7 +221,7 @@ def _train_spots(args: argparse.Namespace) -> int:
             "cellrna_pipeline.core.spots.maskrcnn has no train_spot_model(); cannot train spots"
         )
     root = DataRoot.from_env(args.home)
-    fields: dict[str, Any] = {"seed": args.seed}
+    fields: dict[str, Any] = {"seed": args.seed or 0}
     if args.steps is not None:
         fields["steps"] = args.steps
     config_cls = getattr(module, "SpotTrainConfig", None) or getattr(module, "TrainConfig", None)

@@ -127,6 +127,46 @@ def test_init_from_a_model_folder(samples, tmp_path):
         train_model(config.model_copy(update={"model": other}), train_samples=samples)
 
 
+def test_fine_tuned_model_folder_records_its_start_and_regenerates_its_card(tmp_path):
+    from cellrna_pipeline.core.segmentation.model import build_model, save_model_folder
+    from cellrna_pipeline.core.segmentation.train import (
+        INIT_RECIPE_FILE,
+        read_recipe,
+        run_training,
+        write_model_card,
+    )
+
+    base = TrainConfig(
+        steps=1, batch_size=1, model=TINY_MODEL, data=TINY_DATA, val_data=TINY_DATA, val_slices=1
+    )
+    parent = base.model_copy(update={"steps": 5})
+    start = save_model_folder(
+        build_model(TINY_MODEL),
+        tmp_path / "start",
+        training={"train_config": parent.model_dump(mode="json")},
+    )
+    command = f"cellrna train cells --init {start}"
+    _, folder = run_training(
+        base.model_copy(update={"init_from": str(start)}), tmp_path / "tuned", command=command
+    )
+    assert folder is not None
+    assert read_recipe(folder / INIT_RECIPE_FILE) == parent  # how to make the start again
+    assert read_recipe(folder).init_from == str(start)
+    card = (folder / "model_card.md").read_text()
+    assert (
+        f"--recipe THIS_FOLDER/{INIT_RECIPE_FILE} --out INIT  # the starting weights: 5 steps from scratch"
+        in card
+    )
+    assert f"cellrna train cells --recipe THIS_FOLDER --init INIT  # run as: {command}" in card
+    metrics = json.loads((folder / "metrics.json").read_text())
+    metrics["benchmark_synth"] = {"cells_ap50": 0.5, "iou_nucleus": 0.25}
+    metrics["benchmark_commands"] = {"synth": "python benchmarks/cells.py --record"}
+    (folder / "metrics.json").write_text(json.dumps(metrics))
+    card = write_model_card(folder).read_text()
+    assert "| synth | 0.500 | - | - | 0.250 | - | - |" in card
+    assert "- synth: `python benchmarks/cells.py --record`" in card
+
+
 def test_train_loop_checkpoints_and_resumes(samples, tmp_path):
     events = []
 

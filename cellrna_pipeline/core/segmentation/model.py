@@ -377,13 +377,15 @@ def save_model_folder(
     training: dict[str, Any] | None = None,
     metrics: dict[str, Any] | None = None,
     model_card: str | None = None,
+    files: dict[str, str] | None = None,
     half: bool = True,
 ) -> Path:
     """Write a model folder (the format shipped in ``model_registry/`` and stored in MLflow).
 
     ``config.json``: ``{"kind", "model": MaskRCNNConfig, "training": {...}}``;
     ``weights.pt``: the state_dict (float16 when ``half``, to ship small; loaded back as
-    float32); ``metrics.json`` and ``model_card.md`` when given. Written atomically.
+    float32); ``metrics.json``, ``model_card.md`` and other text ``files`` (name: text)
+    when given. Written atomically.
     """
     from cellrna_pipeline.core.io import atomic_dir
 
@@ -409,6 +411,8 @@ def save_model_folder(
             (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
         if model_card is not None:
             (tmp / "model_card.md").write_text(model_card)
+        for name, text in (files or {}).items():
+            (tmp / name).write_text(text)
     return folder
 
 

@@ -25,6 +25,7 @@ validates and writes checkpoints.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -37,7 +38,7 @@ from typing import Any, Literal, Protocol
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import Field
+from pydantic import Field, ValidationError
 from scipy import ndimage as ndi
 
 from cellrna_pipeline.core.config import StrictModel
@@ -56,6 +57,7 @@ from cellrna_pipeline.core.segmentation.model import (
     count_parameters,
     expand_z_context,
     load_model_folder,
+    read_model_config,
     save_model_folder,
 )
 
@@ -106,7 +108,9 @@ class AugmentConfig(StrictModel):
 class TrainConfig(StrictModel):
     """Everything that defines a training run (recorded with the model).
 
-    The defaults are the recipe of the shipped champion (``cellrna train cells``).
+    The defaults are the last stage of the shipped champion's recipe: it was fine-tuned
+    with them (``cellrna train cells --init INIT``) from weights trained by the recipe in
+    its folder's ``init_recipe.json`` (its model card lists both commands).
     ``init_from``: a model folder whose weights start the run (fine-tuning; its weights
     must fit ``model``, whose training-only settings such as the tile size may differ);
     ``None`` trains from scratch.
@@ -878,15 +882,85 @@ def weights_sha256(folder: str | Path) -> str:
     return hashlib.sha256((Path(folder) / "weights.pt").read_bytes()).hexdigest()
 
 
-def model_card(result: TrainResult, *, command: str, data_note: str = "") -> str:
-    """A markdown model card: data, seed, steps, speed, metrics, how to reproduce."""
-    cfg = result.config
-    start = (
-        f"fine-tuned from the model folder {cfg.init_from} (weights sha256 "
-        f"{weights_sha256(cfg.init_from)[:16]}...)"
-        if cfg.init_from is not None
-        else "trained from scratch (no pretrained weights)"
-    )
+def read_recipe(path: str | Path) -> TrainConfig:
+    """The :class:`TrainConfig` of a recipe file, to train again what it records.
+
+    Parameters
+    ----------
+    path : a ``TrainConfig`` JSON file, or a model folder (or its ``config.json``) written
+        by :func:`run_training`, whose recorded ``training.train_config`` is used.
+
+    Raises
+    ------
+    InputError : one line, when the file is missing, not JSON or not a training recipe.
+    """
+    file = Path(path) / "config.json" if Path(path).is_dir() else Path(path)
+    try:
+        fields = json.loads(file.read_text())
+    except FileNotFoundError:
+        raise InputError(f"recipe {path}: no such file") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InputError(f"recipe {file}: not JSON ({exc})") from None
+    if isinstance(fields, dict) and "kind" in fields:  # a model folder's config.json
+        fields = (fields.get("training") or {}).get("train_config")
+        if fields is None:
+            raise InputError(f"recipe {file}: the model records no training config")
+    if not isinstance(fields, dict):
+        raise InputError(f"recipe {file}: not a training config (a JSON object)")
+    try:
+        return TrainConfig(**fields)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"])
+        raise InputError(f"recipe {file}: {where}: {first['msg']}") from None
+
+
+INIT_RECIPE_FILE = "init_recipe.json"
+"""File of a fine-tuned model folder holding the recipe of the weights it started from."""
+
+_BENCHMARK_COLUMNS = (
+    ("cells_ap50", "cell AP@0.5"),
+    ("cells_map", "cell mAP"),
+    ("nuclei_ap50", "nucleus AP@0.5"),
+    ("iou_nucleus", "IoU nucleus"),
+    ("iou_cytoplasm", "IoU cytoplasm"),
+    ("seconds_per_volume", "s / volume"),
+)
+
+
+def model_card(
+    config: TrainConfig,
+    training: dict[str, Any],
+    metrics: dict[str, Any],
+    *,
+    init_recipe: TrainConfig | None = None,
+) -> str:
+    """A markdown model card: how to reproduce, architecture, data, training, metrics.
+
+    Parameters
+    ----------
+    config : the run's recipe.
+    training : the ``training`` record of the folder's ``config.json`` (``command``,
+        ``seconds``, ``steps_per_s``, ``world_size``, ``init_weights_sha256``).
+    metrics : the folder's ``metrics.json``: validation entries, and ``benchmark_<data>``
+        entries with ``benchmark_commands`` (``benchmarks/cells.py --record``).
+    init_recipe : the recipe of the weights a fine-tuning run started from.
+    """
+    command = str(training.get("command", "cellrna train cells"))
+    reproduce = [command]
+    if config.init_from is not None:
+        sha = str(training.get("init_weights_sha256", "?"))[:16]
+        start = f"fine-tuned from the model folder {config.init_from} (weights sha256 {sha}...)"
+        if init_recipe is not None:
+            reproduce = [
+                f"cellrna train cells --recipe THIS_FOLDER/{INIT_RECIPE_FILE} --out INIT"
+                f"  # the starting weights: {init_recipe.steps} steps"
+                + (" from scratch" if init_recipe.init_from is None else ""),
+                f"cellrna train cells --recipe THIS_FOLDER --init INIT  # run as: {command}",
+            ]
+    else:
+        start = "trained from scratch (no pretrained weights)"
+    m, d = config.model, config.data
     lines = [
         "# cellrna-cell-maskrcnn",
         "",
@@ -895,38 +969,86 @@ def model_card(result: TrainResult, *, command: str, data_note: str = "") -> str
         "",
         "## Reproduce",
         "",
-        f"```\n{command}\n```",
+        "```",
+        *reproduce,
+        "```",
+        "",
+        "CPU training is not bit-reproducible across thread counts; expect metrics within noise.",
         "",
         "## Architecture",
         "",
-        f"ResNet-{cfg.model.backbone_depth} (stages 1-{cfg.model.backbone_stages}, {cfg.model.norm} norm), "
-        f"FPN {cfg.model.fpn_channels} channels, anchors {list(cfg.model.anchor_sizes_px)} px, "
-        f"input channels {list(cfg.model.input_channels)}, tiles {cfg.model.input_size_px} px, "
-        f"canonical nucleus diameter {cfg.model.canonical_nucleus_diameter_px} px.",
+        f"ResNet-{m.backbone_depth} (stages 1-{m.backbone_stages}, {m.norm} norm), "
+        f"FPN {m.fpn_channels} channels, anchors {list(m.anchor_sizes_px)} px, "
+        f"input channels {list(m.input_channels)} (z-context {m.z_context} slices per side), "
+        f"tiles {m.input_size_px} px, canonical nucleus diameter "
+        f"{m.canonical_nucleus_diameter_px} px.",
         "",
         "## Data",
         "",
-        f"Training: {cfg.data.n_volumes} synthetic volumes {list(cfg.data.shape_zyx)} (seed {cfg.data.seed}, "
+        f"Training: {d.n_volumes} synthetic volumes {list(d.shape_zyx)} (seed {d.seed}, "
         "randomized cell size 4.5-8 um, nucleus fraction 0.38-0.72, voxel size, stains, texture, "
         "membranes, illumination), every slice with cells; "
-        f"{cfg.data.n_nuclei_volumes} dense-nuclei volumes (nucleus stain only, touching "
-        f"nuclei, up to {cfg.data.nuclei_slices_per_volume} slices each). Validation: "
-        f"{cfg.val_data.n_volumes} volumes of seed {cfg.val_data.seed} (unseen). {data_note}",
+        f"{d.n_nuclei_volumes} dense-nuclei volumes (nucleus stain only, touching "
+        f"nuclei, up to {d.nuclei_slices_per_volume} slices each). Validation: "
+        f"{config.val_data.n_volumes} volumes and {config.val_data.n_nuclei_volumes} "
+        f"dense-nuclei volumes of seed {config.val_data.seed} (unseen).",
         "",
         "## Training",
         "",
-        f"Seed {cfg.seed}, {result.steps} steps, batch {cfg.batch_size}, AdamW lr {cfg.learning_rate} "
-        f"(warm-up {cfg.warmup_steps}, cosine), weight decay {cfg.weight_decay}; "
-        f"{result.world_size} process(es), {result.seconds / 60:.1f} min, {result.steps_per_s:.2f} steps/s.",
+        f"Seed {config.seed}, {training.get('steps', config.steps)} steps, batch "
+        f"{config.batch_size}, AdamW lr {config.learning_rate} (warm-up {config.warmup_steps}, "
+        f"cosine), weight decay {config.weight_decay}; {training.get('world_size', 1)} "
+        f"process(es), {float(training.get('seconds', 0.0)) / 60:.1f} min, "
+        f"{float(training.get('steps_per_s', 0.0)):.2f} steps/s.",
         "",
-        "## Validation metrics (2D slices at canonical scale, both stains)",
+        "## Validation metrics (2D slices at canonical scale)",
         "",
-        *(f"- {k}: {v:.3f}" for k, v in result.metrics.items()),
-        "",
-        "Full 3D scores: see `metrics.json` and docs/benchmarks/cells.md.",
+        *(
+            f"- {k}: {v:.3f}"
+            for k, v in metrics.items()
+            if k.startswith("val_") and isinstance(v, int | float)
+        ),
         "",
     ]
+    benchmarks = {
+        k[len("benchmark_") :]: v
+        for k, v in metrics.items()
+        if k != "benchmark_commands" and k.startswith("benchmark_")
+    }
+    if benchmarks:
+        lines += [
+            "## Benchmark (3D volumes, `benchmarks/cells.py`, docs/benchmarks/cells.md)",
+            "",
+            "| data | " + " | ".join(title for _, title in _BENCHMARK_COLUMNS) + " |",
+            "|---" * (len(_BENCHMARK_COLUMNS) + 1) + "|",
+            *(
+                f"| {name} | "
+                + " | ".join(
+                    f"{row[key]:.3f}" if key in row else "-" for key, _ in _BENCHMARK_COLUMNS
+                )
+                + " |"
+                for name, row in benchmarks.items()
+            ),
+            "",
+            *(f"- {name}: `{cmd}`" for name, cmd in metrics.get("benchmark_commands", {}).items()),
+            "",
+        ]
     return "\n".join(lines)
+
+
+def write_model_card(folder: str | Path) -> Path:
+    """Write ``folder/model_card.md`` again from the folder's recorded ``config.json``,
+    ``metrics.json`` and (fine-tuned models) ``init_recipe.json``; returns its path."""
+    folder = Path(folder)
+    recorded = read_model_config(folder).get("training", {})
+    config = read_recipe(folder)
+    metrics_file = folder / "metrics.json"
+    metrics = json.loads(metrics_file.read_text()) if metrics_file.exists() else {}
+    init_file = folder / INIT_RECIPE_FILE
+    init_recipe = read_recipe(init_file) if init_file.exists() else None
+    path = folder / "model_card.md"
+    path.write_text(model_card(config, recorded, metrics, init_recipe=init_recipe))
+    return path
 
 
 def run_training(
@@ -982,23 +1104,28 @@ def run_training(
     )
     if rank != 0:
         return result, None
+    training: dict[str, Any] = {
+        "train_config": json.loads(config.model_dump_json()),
+        "steps": result.steps,
+        "steps_per_s": round(result.steps_per_s, 3),
+        "seconds": round(result.seconds, 1),
+        "world_size": result.world_size,
+        "command": command,
+    }
+    files: dict[str, str] = {}
+    init_recipe = None
+    if config.init_from is not None:
+        training["init_weights_sha256"] = weights_sha256(config.init_from)
+        with contextlib.suppress(InputError):  # a folder that records no recipe
+            init_recipe = read_recipe(config.init_from)
+            files[INIT_RECIPE_FILE] = init_recipe.model_dump_json(indent=2) + "\n"
     folder = save_model_folder(
         result.model,
         out,
-        training={
-            "train_config": json.loads(config.model_dump_json()),
-            **(
-                {"init_weights_sha256": weights_sha256(config.init_from)}
-                if config.init_from is not None
-                else {}
-            ),
-            "steps_per_s": round(result.steps_per_s, 3),
-            "seconds": round(result.seconds, 1),
-            "world_size": result.world_size,
-            "command": command,
-        },
+        training=training,
         metrics=result.metrics,
-        model_card=model_card(result, command=command),
+        model_card=model_card(config, training, result.metrics, init_recipe=init_recipe),
+        files=files,
     )
     return result, folder
 
@@ -1007,14 +1134,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     """``python -m cellrna_pipeline.core.segmentation.train`` (the ``torchrun`` target)."""
     parser = argparse.ArgumentParser(description="train the cell Mask R-CNN (DDP-aware)")
     parser.add_argument("--out", required=True, help="model folder to write")
-    parser.add_argument("--config", help="TrainConfig as JSON (file)")
+    parser.add_argument(
+        "--config", help="TrainConfig as JSON (file), or a model folder to train again"
+    )
     parser.add_argument("--steps", type=int)
     parser.add_argument("--cache", help="COCO dataset cache folder")
     args = parser.parse_args(argv)
-    fields: dict[str, Any] = json.loads(Path(args.config).read_text()) if args.config else {}
+    config = read_recipe(args.config) if args.config else TrainConfig()
     if args.steps is not None:
-        fields["steps"] = args.steps
-    config = TrainConfig(**fields)
+        config = TrainConfig(**{**config.model_dump(), "steps": args.steps})
 
     def say(msg: str) -> None:
         print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
