@@ -164,7 +164,7 @@ def test_fine_tuned_model_folder_records_its_start_and_regenerates_its_card(tmp_
     (folder / "metrics.json").write_text(json.dumps(metrics))
     card = write_model_card(folder).read_text()
     assert "| synth | 0.500 | - | - | 0.250 | - | - |" in card
-    assert "- synth: `python benchmarks/cells.py --record`" in card
+    assert "- `python benchmarks/cells.py --record`: synth" in card
 
 
 def test_train_loop_checkpoints_and_resumes(samples, tmp_path):

@@ -459,7 +459,7 @@ def import_coco(folder: str | Path) -> list[TrainSample]:
                 parent = by_id.get(a.get("cell_annotation_id", -1))
                 value = parent.get("instance_id", 0) if parent else a.get("instance_id", 0)
                 nuclei[coco.annToMask(a) > 0] = value
-        kind = "nuclei" if info.get("kind") == "nuclei" else "cells"
+        kind: Literal["cells", "nuclei"] = "nuclei" if info.get("kind") == "nuclei" else "cells"
         samples.append(TrainSample(image, cells, nuclei, info.get("source", ""), kind))
     return samples
 
@@ -538,7 +538,7 @@ def augment(
     for ch in (nucleus_ch, cell_ch):
         if not out_img[ch].any():
             continue
-        x = out_img[ch]
+        x: np.ndarray = out_img[ch]
         if rng.random() < config.blur_probability:
             sigma = float(rng.uniform(0.3, config.blur_sigma_max_px))
             x = ndi.gaussian_filter(x, (0.0, sigma, sigma))
@@ -857,9 +857,14 @@ def load_or_make_samples(
 ) -> list[TrainSample]:
     """The dataset of ``config``, read from its COCO cache under ``cache_dir`` when there,
     else synthesized (and cached). The cache folder name encodes the config."""
-    make = {"canonical_px": canonical_px, "z_context": z_context, "progress": progress}
+
+    def make() -> list[TrainSample]:
+        return make_samples(
+            config, canonical_px=canonical_px, z_context=z_context, progress=progress
+        )
+
     if cache_dir is None:
-        return make_samples(config, **make)
+        return make()
     import hashlib
 
     text = config.model_dump_json() + f"|{canonical_px}" + (f"|z{z_context}" if z_context else "")
@@ -869,7 +874,7 @@ def load_or_make_samples(
         if progress:
             progress(f"reading the COCO dataset {folder}")
         return import_coco(folder)
-    samples = make_samples(config, **make)
+    samples = make()
     if not folder.exists():
         export_coco(samples, folder)
     return samples
@@ -1015,6 +1020,9 @@ def model_card(
         for k, v in metrics.items()
         if k != "benchmark_commands" and k.startswith("benchmark_")
     }
+    by_command: dict[str, list[str]] = {}
+    for name, cmd in metrics.get("benchmark_commands", {}).items():
+        by_command.setdefault(cmd, []).append(name)
     if benchmarks:
         lines += [
             "## Benchmark (3D volumes, `benchmarks/cells.py`, docs/benchmarks/cells.md)",
@@ -1024,13 +1032,16 @@ def model_card(
             *(
                 f"| {name} | "
                 + " | ".join(
-                    f"{row[key]:.3f}" if key in row else "-" for key, _ in _BENCHMARK_COLUMNS
+                    (f"{row[key]:.2f}" if key.startswith("seconds") else f"{row[key]:.3f}")
+                    if key in row
+                    else "-"
+                    for key, _ in _BENCHMARK_COLUMNS
                 )
                 + " |"
                 for name, row in benchmarks.items()
             ),
             "",
-            *(f"- {name}: `{cmd}`" for name, cmd in metrics.get("benchmark_commands", {}).items()),
+            *(f"- `{cmd}`: {', '.join(names)}" for cmd, names in by_command.items()),
             "",
         ]
     return "\n".join(lines)
