@@ -43,10 +43,9 @@ from cellrna_pipeline.core.synth.optics import (
     psf_sigma_vox,
     sigma_um_to_vox,
 )
-from cellrna_pipeline.core.synth.shapes import Ellipsoid
+from cellrna_pipeline.core.synth.shapes import Ellipsoid, random_harmonics
 from cellrna_pipeline.core.types import VoxelSize
 
-_N_HARMONICS = 4  # m = 2..5, as the cell generator
 _TEXTURE_SIGMA_UM = (0.35, 0.3, 0.3)
 _NUCLEOLUS_SIGMA_UM = (0.5, 0.5, 0.5)
 _RELAX_ITERATIONS = 60
@@ -219,7 +218,6 @@ def _relax(
 
 
 def _shapes(c: NucleiConfig, radii: np.ndarray, rng: np.random.Generator) -> list[Ellipsoid]:
-    m = np.arange(2, 2 + _N_HARMONICS)
     shapes = []
     for r in radii:
         elong = rng.uniform(1.0, c.elongation_max)
@@ -228,11 +226,7 @@ def _shapes(c: NucleiConfig, radii: np.ndarray, rng: np.random.Generator) -> lis
             Ellipsoid(
                 semi_axes_um=(az, r * math.sqrt(elong), r / math.sqrt(elong)),
                 angle_rad=float(rng.uniform(0.0, np.pi)),
-                harmonic_amp=tuple(
-                    float(v)
-                    for v in c.irregularity * rng.normal(size=_N_HARMONICS) / np.sqrt(m - 1)
-                ),
-                harmonic_phase=tuple(float(v) for v in rng.uniform(0.0, 2 * np.pi, _N_HARMONICS)),
+                **random_harmonics(rng, c.irregularity),
             )
         )
     return shapes
