@@ -222,11 +222,14 @@ def _shapes(c: NucleiConfig, radii: np.ndarray, rng: np.random.Generator) -> lis
     for r in radii:
         elong = rng.uniform(1.0, c.elongation_max)
         az = r * c.z_aspect * rng.uniform(0.85, 1.15)
+        angle = float(rng.uniform(0.0, np.pi))
+        amp, phase = random_harmonics(rng, c.irregularity)
         shapes.append(
             Ellipsoid(
                 semi_axes_um=(az, r * math.sqrt(elong), r / math.sqrt(elong)),
-                angle_rad=float(rng.uniform(0.0, np.pi)),
-                **random_harmonics(rng, c.irregularity),
+                angle_rad=angle,
+                harmonic_amp=amp,
+                harmonic_phase=phase,
             )
         )
     return shapes

@@ -90,20 +90,26 @@ class Population:
         if like is not None:
             r = math.sqrt(like.shape.semi_axes_um[1] * like.shape.semi_axes_um[2])
             az = like.shape.semi_axes_um[0]
+        angle = float(rng.uniform(0.0, np.pi))
+        amp, phase = random_harmonics(rng, c.cell_irregularity)
         shape = Ellipsoid(
             semi_axes_um=(az, r * math.sqrt(elong), r / math.sqrt(elong)),
-            angle_rad=float(rng.uniform(0.0, np.pi)),
-            **random_harmonics(rng, c.cell_irregularity),
+            angle_rad=angle,
+            harmonic_amp=amp,
+            harmonic_phase=phase,
             bottom_um=_COVERSLIP_DEPTH * az,
         )
         nf = c.nucleus_fraction
         nr = r * nf * rng.uniform(0.9, 1.05)
         n_elong = rng.uniform(1.0, 1.25)
         naz = az * nf * 0.9
+        angle = shape.angle_rad + float(rng.normal(0.0, 0.3))
+        amp, phase = random_harmonics(rng, 0.3 * c.cell_irregularity)
         nucleus = Ellipsoid(
             semi_axes_um=(naz, nr * math.sqrt(n_elong), nr / math.sqrt(n_elong)),
-            angle_rad=shape.angle_rad + float(rng.normal(0.0, 0.3)),
-            **random_harmonics(rng, 0.3 * c.cell_irregularity),
+            angle_rad=angle,
+            harmonic_amp=amp,
+            harmonic_phase=phase,
         )
         # nucleus rests a little above the coverslip, off-centre laterally
         lateral = rng.normal(0.0, 0.08 * r, 2).clip(-0.15 * r, 0.15 * r)
