@@ -105,6 +105,7 @@ def record_in_model_folder(folder: Path, results: dict[str, dict[str, object]], 
     from the folder's records."""
     path = folder / "metrics.json"
     metrics = json.loads(path.read_text()) if path.exists() else {}
+    metrics.pop("benchmark_command", None)  # the single command of earlier records
     commands = metrics.pop("benchmark_commands", {})
     for name, row in results.items():
         metrics[f"benchmark_{name.replace('-', '_')}"] = row["maskrcnn"]

@@ -1,7 +1,7 @@
 """``cellrna train cells|spots [--steps N] [--register]``: train a segmentation model.
 
-``cells`` trains the cell Mask R-CNN on synthetic data (the defaults reproduce the shipped
-champion) and writes a model folder; ``--register`` logs the run to the data root's
+``cells`` trains the cell Mask R-CNN on synthetic data (``--recipe
+model_registry/cell-maskrcnn`` reproduces the shipped champion) and writes a model folder; ``--register`` logs the run to the data root's
 MLflow and registers the model as ``challenger`` of ``cellrna-cell-maskrcnn``;
 ``--promote`` also makes it ``champion`` if it beats the current one on unseen
 validation volumes. ``spots`` calls the RNA-spot model's trainer
@@ -25,7 +25,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Train a Mask R-CNN from scratch on the synthetic generator. Long: shows progress.",
     )
     p.add_argument("target", choices=("cells", "spots"), help="which model")
-    p.add_argument("--steps", type=int, help="optimizer steps (default: the champion's recipe)")
+    p.add_argument("--steps", type=int, help="optimizer steps (default: the recipe's)")
     p.add_argument("--seed", type=int, help="random seed (default 0, or the recipe's)")
     p.add_argument("--volumes", type=int, help="cells: synthetic training volumes (default 48)")
     p.add_argument(

@@ -108,9 +108,10 @@ class AugmentConfig(StrictModel):
 class TrainConfig(StrictModel):
     """Everything that defines a training run (recorded with the model).
 
-    The defaults are the last stage of the shipped champion's recipe: it was fine-tuned
-    with them (``cellrna train cells --init INIT``) from weights trained by the recipe in
-    its folder's ``init_recipe.json`` (its model card lists both commands).
+    The defaults are the dense-nuclei fine-tuning recipe (``cellrna train cells --init
+    MODEL_DIR``; measured in docs/benchmarks/cells.md, not shipped). The shipped champion
+    records its own recipe: ``cellrna train cells --recipe model_registry/cell-maskrcnn``
+    trains it again.
     ``init_from``: a model folder whose weights start the run (fine-tuning; its weights
     must fit ``model``, whose training-only settings such as the tile size may differ);
     ``None`` trains from scratch.
@@ -952,7 +953,7 @@ def model_card(
     init_recipe : the recipe of the weights a fine-tuning run started from.
     """
     command = str(training.get("command", "cellrna train cells"))
-    reproduce = [command]
+    reproduce = [f"cellrna train cells --recipe THIS_FOLDER  # run as: {command}"]
     if config.init_from is not None:
         sha = str(training.get("init_weights_sha256", "?"))[:16]
         start = f"fine-tuned from the model folder {config.init_from} (weights sha256 {sha}...)"
@@ -1010,7 +1011,7 @@ def model_card(
         "",
         *(
             f"- {k}: {v:.3f}"
-            for k, v in metrics.items()
+            for k, v in metrics.get("validation_2d_slices", metrics).items()
             if k.startswith("val_") and isinstance(v, int | float)
         ),
         "",
@@ -1018,7 +1019,7 @@ def model_card(
     benchmarks = {
         k[len("benchmark_") :]: v
         for k, v in metrics.items()
-        if k != "benchmark_commands" and k.startswith("benchmark_")
+        if k.startswith("benchmark_") and isinstance(v, dict) and k != "benchmark_commands"
     }
     by_command: dict[str, list[str]] = {}
     for name, cmd in metrics.get("benchmark_commands", {}).items():
