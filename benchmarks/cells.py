@@ -10,6 +10,8 @@ Datasets:
 - ``synth``: the generator's default settings (the demo's data), unseen seeds, both stains,
   voxel size given.
 - ``synth-random``: the randomized generator settings used for training, unseen seeds.
+- ``synth-nuclei``: the dense-nuclei generator (nucleus stain only, touching nuclei packed
+  in 3D) with the randomized settings used for training, unseen seeds, no voxel size.
 - ``stardist3d``: ``<data>/stardist_demo3D_synthetic`` (3 volumes 64x128x128, nuclei only,
   no voxel size: the object size is estimated, as by ``cellrna cells segment``).
 - ``ctc-msc``: ``<data>/ctc_Fluo-C2DL-MSC_segframes`` (5 real 2D frames, whole-cell GFP
@@ -19,7 +21,7 @@ Usage::
 
     OMP_WAIT_POLICY=PASSIVE nice .venv/bin/python benchmarks/cells.py [--data ../shared/data]
         [--model model_registry/cell-maskrcnn] [--synthetic 3] [--datasets synth,stardist3d]
-        [--json out.json]
+        [--json out.json] [--record]
 """
 
 from __future__ import annotations
@@ -38,12 +40,14 @@ sys.path.insert(0, str(REPO))
 from cellrna_pipeline.core.segmentation import CellSegmentationConfig, segment_cells  # noqa: E402
 from cellrna_pipeline.core.segmentation.evaluate import (  # noqa: E402
     EvalVolume,
+    dense_nuclei_volumes,
     score_volumes,
     synthetic_volumes,
 )
+from cellrna_pipeline.core.segmentation.train import write_model_card  # noqa: E402
 
-ALL = ("synth", "synth-random", "stardist3d", "ctc-msc")
-DEFAULT = ("synth", "synth-random", "stardist3d")
+ALL = ("synth", "synth-random", "synth-nuclei", "stardist3d", "ctc-msc")
+DEFAULT = ("synth", "synth-random", "synth-nuclei", "stardist3d")
 UNSEEN_SEED = (
     8000  # never used in training (seeds 0-47, 500 000+) nor while developing (7000-7001, 9100)
 )
@@ -94,6 +98,23 @@ def run_method(
     return scores, seconds
 
 
+def record_in_model_folder(folder: Path, results: dict[str, dict[str, object]], command: str):
+    """Write the Mask R-CNN scores of ``results`` into ``folder/metrics.json``: one
+    ``benchmark_<dataset>`` entry per dataset run (replacing an earlier one) and its command
+    in ``benchmark_commands``; other entries are kept. The model card is written again
+    from the folder's records."""
+    path = folder / "metrics.json"
+    metrics = json.loads(path.read_text()) if path.exists() else {}
+    metrics.pop("benchmark_command", None)  # the single command of earlier records
+    commands = metrics.pop("benchmark_commands", {})
+    for name, row in results.items():
+        metrics[f"benchmark_{name.replace('-', '_')}"] = row["maskrcnn"]
+        commands[name] = command
+    metrics["benchmark_commands"] = commands
+    path.write_text(json.dumps(metrics, indent=2) + "\n")
+    write_model_card(folder)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -103,6 +124,9 @@ def main(argv: list[str] | None = None) -> int:
         "--model", default=str(REPO / "model_registry" / "cell-maskrcnn"), help="model folder"
     )
     parser.add_argument("--synthetic", type=int, default=3, help="volumes per synthetic dataset")
+    parser.add_argument(
+        "--nuclei-volumes", type=int, default=6, help="volumes of the synth-nuclei dataset"
+    )
     parser.add_argument(
         "--datasets", default=",".join(DEFAULT), help=f"comma-separated subset of {ALL}"
     )
@@ -115,6 +139,12 @@ def main(argv: list[str] | None = None) -> int:
         "given to both methods)",
     )
     parser.add_argument("--json", help="also write the results as JSON here")
+    parser.add_argument(
+        "--record",
+        action="store_true",
+        help="also record the Mask R-CNN scores in the model folder's metrics.json "
+        "(benchmark_<dataset> entries and their command; other entries kept)",
+    )
     args = parser.parse_args(argv)
 
     from cellrna_pipeline.core.device import select_device
@@ -132,6 +162,8 @@ def main(argv: list[str] | None = None) -> int:
                 synthetic_volumes(args.synthetic, seed=UNSEEN_SEED, randomized=True),
                 True,
             )
+        elif name == "synth-nuclei":
+            volumes, semantic = dense_nuclei_volumes(args.nuclei_volumes, seed=UNSEEN_SEED), False
         elif name == "stardist3d":
             if not (data / "stardist_demo3D_synthetic").exists():
                 print(f"skip {name}: {data} has no stardist_demo3D_synthetic", file=sys.stderr)
@@ -191,6 +223,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     if args.json:
         Path(args.json).write_text(json.dumps(summary, indent=2) + "\n")
+    if args.record:
+        record_in_model_folder(Path(args.model), results, str(summary["command"]))
     print(json.dumps(summary, indent=2))
     return 0
 

@@ -296,6 +296,11 @@ CASES = [
     _case("train-zero-steps", "train cells --steps 0", "--steps must be >= 1"),
     _case("train-promote-without-register", "train cells --promote", "--promote needs --register"),
     _case("train-zero-volumes", "train cells --volumes 0", "--volumes must be >= 1"),
+    _case(
+        "train-cells-option-for-embedding",
+        "train spot-embedding --recipe x.json",
+        "--recipe: for cells only, not for spot-embedding",
+    ),
     # --- demo, view, ui ---
     _case("demo-foreign-root", "demo", "holds data that the demo did not make"),
     _case(

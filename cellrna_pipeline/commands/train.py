@@ -1,7 +1,7 @@
 """``cellrna train cells|spots|spot-embedding [--steps N] [--register]``: train a model.
 
-``cells`` trains the cell Mask R-CNN on synthetic data (the defaults reproduce the shipped
-champion) and writes a model folder; ``--register`` logs the run to the data root's
+``cells`` trains the cell Mask R-CNN on synthetic data (``--recipe
+model_registry/cell-maskrcnn`` reproduces the shipped champion) and writes a model folder; ``--register`` logs the run to the data root's
 MLflow and registers the model as ``challenger`` of ``cellrna-cell-maskrcnn``;
 ``--promote`` also makes it ``champion`` if it beats the current one on unseen
 validation volumes. ``spots`` calls the RNA-spot model's trainer
@@ -31,9 +31,32 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "embedding (spot-embedding) from scratch on the synthetic generator. Long: shows progress.",
     )
     p.add_argument("target", choices=("cells", "spots", "spot-embedding"), help="which model")
-    p.add_argument("--steps", type=int, help="optimizer steps (default: the champion's recipe)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--steps", type=int, help="optimizer steps (default: the recipe's)")
+    p.add_argument("--seed", type=int, help="random seed (default 0, or the recipe's)")
     p.add_argument("--volumes", type=int, help="cells: synthetic training volumes (default 48)")
+    p.add_argument(
+        "--nuclei-volumes",
+        type=int,
+        help="cells: dense-nuclei training volumes (nucleus-only, touching nuclei; default 48)",
+    )
+    p.add_argument(
+        "--z-context",
+        type=int,
+        choices=(0, 1, 2, 3),
+        help="cells: neighbouring z-slices per side fed with each slice (default: the recipe's)",
+    )
+    p.add_argument(
+        "--recipe",
+        metavar="FILE",
+        help="cells: start from this training config (a TrainConfig JSON, or a model folder "
+        "whose recorded recipe is trained again) instead of the default recipe; the options "
+        "above override it",
+    )
+    p.add_argument(
+        "--init",
+        metavar="MODEL_DIR",
+        help="cells: start from this model folder's weights (fine-tuning) instead of from scratch",
+    )
     p.add_argument(
         "--register", action="store_true", help="log to MLflow and register as 'challenger'"
     )
@@ -59,11 +82,23 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"--steps must be >= 1, got {args.steps}")
     if args.volumes is not None and args.volumes < 1:
         raise InputError(f"--volumes must be >= 1, got {args.volumes}")
+    if args.nuclei_volumes is not None and args.nuclei_volumes < 0:
+        raise InputError(f"--nuclei-volumes must be >= 0, got {args.nuclei_volumes}")
     if args.promote and not args.register:
         raise InputError("--promote needs --register")
+    cells_only = {
+        "--volumes": args.volumes,
+        "--nuclei-volumes": args.nuclei_volumes,
+        "--z-context": args.z_context,
+        "--recipe": args.recipe,
+        "--init": args.init,
+    }
+    given = [name for name, value in cells_only.items() if value is not None]
+    if args.target != "cells" and given:
+        raise InputError(f"{', '.join(given)}: for cells only, not for {args.target}")
     if args.target == "spot-embedding":
-        if args.promote or args.volumes is not None:
-            raise InputError("--promote and --volumes are for cells only")
+        if args.promote:
+            raise InputError("--promote is for cells only")
         return _train_spot_embedding(args)
     if args.target == "spots":
         if args.promote:
@@ -84,25 +119,49 @@ def _out_dir(args: argparse.Namespace, root: Any, name: str):
 
 def _train_cells(args: argparse.Namespace) -> int:
     from cellrna_pipeline.core.paths import DataRoot
-    from cellrna_pipeline.core.segmentation.train import DatasetConfig, TrainConfig, run_training
+    from cellrna_pipeline.core.segmentation.train import (
+        DatasetConfig,
+        TrainConfig,
+        read_recipe,
+        run_training,
+    )
 
     root = DataRoot.from_env(args.home)
-    data = DatasetConfig(seed=args.seed)
-    fields: dict[str, Any] = {"seed": args.seed, "data": data}
+    if args.init is not None:
+        from cellrna_pipeline.core.segmentation.model import read_model_config
+
+        read_model_config(args.init)  # a one-line error now, not after making the data
+    base = read_recipe(args.recipe) if args.recipe is not None else TrainConfig()
+    data: dict[str, Any] = {}
+    val: dict[str, Any] = {}
+    fields: dict[str, Any] = {}
+    if args.seed is not None:
+        data["seed"] = fields["seed"] = args.seed
     if args.volumes is not None:
-        fields["data"] = DatasetConfig(seed=args.seed, n_volumes=args.volumes)
-        fields["val_data"] = DatasetConfig(
-            seed=TrainConfig().val_data.seed, n_volumes=max(1, min(4, args.volumes // 8))
-        )
+        data["n_volumes"] = args.volumes
+        val["n_volumes"] = max(1, min(4, args.volumes // 8))
+    if args.nuclei_volumes is not None:
+        data["n_nuclei_volumes"] = args.nuclei_volumes
+        val["n_nuclei_volumes"] = min(base.val_data.n_nuclei_volumes, args.nuclei_volumes)
+    if args.init is not None:
+        fields["init_from"] = args.init
     if args.steps is not None:
         fields["steps"] = args.steps
-    config = TrainConfig(**fields)
+    if args.z_context is not None:
+        fields["model"] = base.model.model_copy(update={"z_context": args.z_context})
+    fields["data"] = DatasetConfig(**{**base.data.model_dump(), **data})
+    fields["val_data"] = DatasetConfig(**{**base.val_data.model_dump(), **val})
+    config = TrainConfig(**{**base.model_dump(), **fields})
     out = _out_dir(args, root, "cell-maskrcnn")
     command = (
         "cellrna train cells"
         + (f" --steps {args.steps}" if args.steps else "")
-        + (f" --seed {args.seed}" if args.seed else "")
+        + (f" --recipe {args.recipe}" if args.recipe else "")
+        + (f" --seed {args.seed}" if args.seed is not None else "")
         + (f" --volumes {args.volumes}" if args.volumes else "")
+        + (f" --nuclei-volumes {args.nuclei_volumes}" if args.nuclei_volumes is not None else "")
+        + (f" --z-context {args.z_context}" if args.z_context is not None else "")
+        + (f" --init {args.init}" if args.init else "")
     )
     registry, run_id, callbacks = None, None, []
     if args.register:
@@ -143,13 +202,17 @@ def _train_cells(args: argparse.Namespace) -> int:
                 VALIDATION_SEED,
                 VALIDATION_VOLUMES,
                 compare_models,
+                dense_nuclei_volumes,
                 synthetic_volumes,
             )
             from cellrna_pipeline.core.segmentation.model import load_model_folder
 
             champion = load_model_folder(registry.load_model_folder(CELL_MODEL).path)
             comparison = compare_models(
-                result.model, champion, synthetic_volumes(VALIDATION_VOLUMES, seed=VALIDATION_SEED)
+                result.model,
+                champion,
+                synthetic_volumes(VALIDATION_VOLUMES, seed=VALIDATION_SEED),
+                nuclei_volumes=dense_nuclei_volumes(VALIDATION_VOLUMES, seed=VALIDATION_SEED),
             )
             verdict = f"challenger {comparison.challenger_score:.4f} vs champion {comparison.champion_score:.4f}"
             if comparison.challenger_wins:
@@ -178,7 +241,7 @@ def _train_spots(args: argparse.Namespace) -> int:
             "cellrna_pipeline.core.spots.maskrcnn has no train_spot_model(); cannot train spots"
         )
     root = DataRoot.from_env(args.home)
-    fields: dict[str, Any] = {"seed": args.seed}
+    fields: dict[str, Any] = {"seed": args.seed or 0}
     if args.steps is not None:
         fields["steps"] = args.steps
     config_cls = getattr(module, "SpotTrainConfig", None) or getattr(module, "TrainConfig", None)
@@ -214,7 +277,7 @@ def _train_spot_embedding(args: argparse.Namespace) -> int:
     )
 
     root = DataRoot.from_env(args.home)
-    fields: dict[str, Any] = {"seed": args.seed}
+    fields: dict[str, Any] = {"seed": args.seed or 0}
     if args.steps is not None:
         fields["steps"] = args.steps
     config = EmbeddingTrainConfig(**fields)

@@ -155,7 +155,7 @@ def test_train_cells_tiny_run_writes_a_model_folder(capsys, tmp_path, monkeypatc
 
     def shrunk(config, out, **kwargs):  # the command's wiring, on a tiny model and volume
         seen["config"] = config
-        small = {"shape_zyx": (6, 64, 64)}
+        small = {"shape_zyx": (6, 64, 64), "n_nuclei_volumes": 0}
         config = config.model_copy(
             update={
                 "model": MaskRCNNConfig(
@@ -190,6 +190,78 @@ def test_train_cells_tiny_run_writes_a_model_folder(capsys, tmp_path, monkeypatc
         and seen["config"].data.n_volumes == 1
         and seen["config"].seed == 0
     )
+
+
+def _capture_training(monkeypatch, tmp_path):
+    """Replace the trainer by one that records the config it gets (the command's wiring)."""
+    from types import SimpleNamespace
+
+    import cellrna_pipeline.core.segmentation.train as train_module
+
+    seen = []
+
+    def record(config, out, **kwargs):
+        seen.append((config, kwargs["command"]))
+        return SimpleNamespace(steps=config.steps, steps_per_s=1.0, seconds=1.0), None
+
+    monkeypatch.setattr(train_module, "run_training", record)
+    monkeypatch.setenv("CELLRNA_HOME", str(tmp_path / "home"))
+    return seen
+
+
+def test_train_cells_recipe_trains_a_recorded_config_again(capsys, tmp_path, monkeypatch):
+    from cellrna_pipeline.core.segmentation.model import (
+        MaskRCNNConfig,
+        build_model,
+        save_model_folder,
+    )
+    from cellrna_pipeline.core.segmentation.train import DatasetConfig, TrainConfig
+
+    recorded = TrainConfig(
+        steps=7,
+        learning_rate=1e-3,
+        model=MaskRCNNConfig(fpn_channels=32, input_size_px=64, box_head_dim=32),
+        data=DatasetConfig(n_volumes=5, seed=3),
+    )
+    folder = tmp_path / "parent"
+    save_model_folder(
+        build_model(recorded.model),
+        folder,
+        training={"train_config": recorded.model_dump(mode="json")},
+    )
+    (tmp_path / "recipe.json").write_text(recorded.model_dump_json())
+    seen = _capture_training(monkeypatch, tmp_path)
+    for recipe in (folder, folder / "config.json", tmp_path / "recipe.json"):
+        assert _run(capsys, "train", "cells", "--recipe", recipe)[0] == 0
+        assert seen[-1][0] == recorded
+        assert seen[-1][1] == f"cellrna train cells --recipe {recipe}"
+    # options given on the command line override the recipe, the rest is kept
+    code, _, err = _run(capsys, "train", "cells", "--recipe", folder, "--steps", 2, "--seed", 4)
+    assert code == 0, err
+    config = seen[-1][0]
+    assert (config.steps, config.seed, config.data.seed) == (2, 4, 4)
+    assert config.learning_rate == 1e-3 and config.model == recorded.model
+    assert config.data.n_volumes == 5
+
+
+@pytest.mark.parametrize(
+    ("content", "match"),
+    [
+        (None, "no such file"),
+        ("{not json", "not JSON"),
+        ('{"kind": "cellrna-cell-maskrcnn", "model": {}}', "records no training config"),
+        ('{"steps": 0}', "steps"),
+        ('{"stepz": 10}', "stepz"),
+    ],
+)
+def test_train_cells_bad_recipe_is_one_line(capsys, tmp_path, monkeypatch, content, match):
+    seen = _capture_training(monkeypatch, tmp_path)
+    recipe = tmp_path / "recipe.json"
+    if content is not None:
+        recipe.write_text(content)
+    code, _, err = _run(capsys, "train", "cells", "--recipe", recipe)
+    assert code == 2 and err.count("\n") == 1 and match in err and recipe.name in err, err
+    assert not seen
 
 
 def test_train_spots_without_the_spot_trainer_is_a_clear_error(capsys, monkeypatch):

@@ -288,3 +288,64 @@ def test_dim_end_slices_are_trimmed():
     stain[4] = 0.6  # dimmer top, but real
     out = trim_dim_end_slices(cells, stain, fraction=0.4)
     assert not out[0].any() and out[1:5].any() and (out[4] == cells[4]).all()
+
+
+def _ball_slices(n_z, centre_z, radius, centre_yx=(20, 20), shape=(40, 40)) -> np.ndarray:
+    """Cross-sections of a sphere of ``radius`` slices at z = ``centre_z`` (2D disks)."""
+    out = np.zeros((n_z, *shape), np.int32)
+    for z in range(n_z):
+        r2 = radius**2 - (z - centre_z) ** 2
+        if r2 > 0:
+            out[z] = _disks(shape, [centre_yx], np.sqrt(r2))
+    return out
+
+
+def test_area_dip_splits_two_stacked_objects_but_not_one():
+    from cellrna_pipeline.core.segmentation.inference import split_at_area_minima
+
+    # two spheres stacked in z, touching: linked end to end into one id
+    stacked = np.maximum(_ball_slices(16, 4, 4.5), _ball_slices(16, 11.5, 4.5, (21, 19)))
+    joined = stitch_slices(stacked)
+    assert len(np.unique(joined)) == 2  # background + one object: the link merged them
+    out = split_at_area_minima(joined, ratio=0.6)
+    truth = np.where(_ball_slices(16, 4, 4.5) > 0, 1, 0) + np.where(
+        (_ball_slices(16, 11.5, 4.5, (21, 19)) > 0) & (_ball_slices(16, 4, 4.5) == 0), 2, 0
+    )
+    assert instance_scores(truth, out).ap50 == 1.0
+    single = stitch_slices(_ball_slices(16, 7.5, 7))
+    assert np.array_equal(split_at_area_minima(single, ratio=0.6), single)
+    assert np.array_equal(split_at_area_minima(joined, ratio=0.0), joined)
+
+
+def test_small_z_fragments_merge_but_stack_ends_and_lateral_contacts_do_not():
+    from cellrna_pipeline.core.segmentation.inference import merge_z_fragments
+
+    labels = np.zeros((8, 30, 60), np.int32)
+    labels[1:6, 5:25, 5:25] = 1  # an object
+    labels[6, 10:14, 10:14] = 2  # its tip, cut off above it: merges
+    labels[0:6, 5:25, 30:50] = 3  # another object, touching the first slice
+    labels[0, 26:29, 30:33] = 4  # small, in the first slice: kept (cut by the stack)
+    labels[3, 10:13, 25:28] = 5  # small, touching object 1 laterally only: kept
+    out = merge_z_fragments(labels, fraction=0.2)
+    assert (out[labels == 2] == 1).all()
+    for kept in (3, 4, 5):
+        assert (out[labels == kept] == kept).all()
+    assert np.array_equal(merge_z_fragments(labels, fraction=0.0), labels)
+
+
+def test_watershed_assembly_separates_stacked_and_side_by_side_objects():
+    from cellrna_pipeline.core.segmentation.inference import watershed_slices
+
+    low, high = _ball_slices(16, 4, 4.5), _ball_slices(16, 11.5, 4.5, (21, 19))
+    stacked = np.maximum(low, high * 2)
+    truth = np.where(low > 0, 1, np.where(high > 0, 2, 0))
+    # per-slice ids are arbitrary: the slice where both meet has two 2D instances
+    out = watershed_slices(stacked, diameter_px=9.0)
+    assert instance_scores(truth, out).ap50 == 1.0
+    left = _ball_slices(12, 5.5, 6, (20, 14))
+    right = _ball_slices(12, 5.5, 6, (20, 26)) * 2
+    pair = np.where(left > 0, left, right)  # touching side by side in every slice
+    out = watershed_slices(pair, diameter_px=12.0)
+    assert instance_scores(np.where(pair > 0, pair, 0), out).ap50 == 1.0
+    one = _ball_slices(12, 5.5, 6)
+    assert watershed_slices(one, diameter_px=12.0).max() == 1

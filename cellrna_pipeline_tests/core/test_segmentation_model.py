@@ -142,3 +142,28 @@ def test_maskrcnn_segmentation_of_a_volume_is_consistent(tiny_config):
     for obj in np.unique(seg.cells)[1:][:20]:
         assert label(seg.cells == obj, connectivity=1).max() == 1
     assert seg.info["method"] == "maskrcnn" and seg.info["scale"] == pytest.approx(2.0)
+
+
+def test_z_context_model_starts_as_its_2d_parent():
+    from cellrna_pipeline.core.segmentation.model import expand_z_context
+
+    flat = MaskRCNNConfig(
+        fpn_channels=32,
+        input_size_px=64,
+        box_head_dim=32,
+        mask_head_channels=16,
+        semantic_channels=16,
+    )
+    deep = flat.model_copy(update={"z_context": 1})
+    assert deep.n_input_channels == 6
+    torch.manual_seed(0)
+    parent = build_model(flat).eval()
+    child = build_model(deep).eval()
+    child.load_state_dict(expand_z_context(parent.state_dict(), flat, deep))
+    image = torch.rand(2, 64, 64)
+    stacked = torch.rand(6, 64, 64)  # other slices: anything, their weights are zero
+    stacked[1], stacked[4] = image[0], image[1]
+    with torch.no_grad():
+        a, b = parent([image])[0], child([stacked])[0]
+    assert torch.allclose(a["semantic"], b["semantic"], atol=1e-5)
+    assert torch.allclose(a["scores"], b["scores"], atol=1e-5)

@@ -81,6 +81,92 @@ def test_augment_modes_and_targets(samples):
     assert (boxes[:, 2] > boxes[:, 0]).all() and (boxes[:, 3] > boxes[:, 1]).all()
 
 
+@pytest.fixture(scope="module")
+def nuclei_samples():
+    data = DatasetConfig(n_volumes=0, n_nuclei_volumes=1, nuclei_slices_per_volume=3, seed=5)
+    return make_samples(data, canonical_px=12.0)
+
+
+def test_dense_nuclei_samples_are_nucleus_only_and_round_trip(nuclei_samples, tmp_path):
+    assert len(nuclei_samples) == 3
+    for s in nuclei_samples:
+        assert s.kind == "nuclei" and s.cells.any()
+        assert s.image[0].any() and not s.image[1].any()  # no cell stain
+        assert np.array_equal(s.cells, s.nuclei)
+    back = import_coco(export_coco(nuclei_samples, tmp_path / "coco"))
+    assert [s.kind for s in back] == ["nuclei"] * 3
+    assert all(np.array_equal(a.cells, b.cells) for a, b in zip(nuclei_samples, back, strict=True))
+
+
+def test_augment_never_drops_the_only_stain_of_nuclei_samples(nuclei_samples):
+    rng = np.random.default_rng(1)
+    cell_only = AugmentConfig(nucleus_only_probability=0.0, cell_only_probability=1.0)
+    for _ in range(4):
+        img, inst, sem = augment(nuclei_samples[1], rng, tile_px=64, config=cell_only)
+        assert img[0].any() and not img[1].any()
+        assert set(np.unique(sem)) <= {0, 1}  # nuclei only: no cytoplasm class
+        assert ((inst > 0) == (sem == 1)).all()
+
+
+def test_init_from_a_model_folder(samples, tmp_path):
+    from cellrna_pipeline.core.errors import InputError
+    from cellrna_pipeline.core.segmentation.model import build_model, save_model_folder
+
+    torch.manual_seed(3)
+    start = save_model_folder(build_model(TINY_MODEL), tmp_path / "start", half=False)
+    config = TrainConfig(
+        steps=1, batch_size=1, model=TINY_MODEL, data=TINY_DATA, init_from=str(start)
+    )
+    zero_lr = config.model_copy(update={"learning_rate": 0.0})
+    result = train_model(zero_lr, train_samples=samples)
+    loaded = load_model_folder(start).state_dict()
+    for k, v in result.model.state_dict().items():
+        assert torch.equal(v, loaded[k]), k  # started from those weights (lr 0: unchanged)
+    other = TINY_MODEL.model_copy(update={"fpn_channels": 16})
+    with pytest.raises(InputError, match="do not fit"):
+        train_model(config.model_copy(update={"model": other}), train_samples=samples)
+
+
+def test_fine_tuned_model_folder_records_its_start_and_regenerates_its_card(tmp_path):
+    from cellrna_pipeline.core.segmentation.model import build_model, save_model_folder
+    from cellrna_pipeline.core.segmentation.train import (
+        INIT_RECIPE_FILE,
+        read_recipe,
+        run_training,
+        write_model_card,
+    )
+
+    base = TrainConfig(
+        steps=1, batch_size=1, model=TINY_MODEL, data=TINY_DATA, val_data=TINY_DATA, val_slices=1
+    )
+    parent = base.model_copy(update={"steps": 5})
+    start = save_model_folder(
+        build_model(TINY_MODEL),
+        tmp_path / "start",
+        training={"train_config": parent.model_dump(mode="json")},
+    )
+    command = f"cellrna train cells --init {start}"
+    _, folder = run_training(
+        base.model_copy(update={"init_from": str(start)}), tmp_path / "tuned", command=command
+    )
+    assert folder is not None
+    assert read_recipe(folder / INIT_RECIPE_FILE) == parent  # how to make the start again
+    assert read_recipe(folder).init_from == str(start)
+    card = (folder / "model_card.md").read_text()
+    assert (
+        f"--recipe THIS_FOLDER/{INIT_RECIPE_FILE} --out INIT  # the starting weights: 5 steps from scratch"
+        in card
+    )
+    assert f"cellrna train cells --recipe THIS_FOLDER --init INIT  # run as: {command}" in card
+    metrics = json.loads((folder / "metrics.json").read_text())
+    metrics["benchmark_synth"] = {"cells_ap50": 0.5, "iou_nucleus": 0.25}
+    metrics["benchmark_commands"] = {"synth": "python benchmarks/cells.py --record"}
+    (folder / "metrics.json").write_text(json.dumps(metrics))
+    card = write_model_card(folder).read_text()
+    assert "| synth | 0.500 | - | - | 0.250 | - | - |" in card
+    assert "- `python benchmarks/cells.py --record`: synth" in card
+
+
 def test_train_loop_checkpoints_and_resumes(samples, tmp_path):
     events = []
 

@@ -180,10 +180,17 @@ def test_training_asset_registers_a_challenger_and_the_check_decides(
         run_config={
             "ops": {
                 "cell_segmentation_model": {
-                    "config": {"steps": 1, "n_volumes": 1, "val_volumes": 1, "shape_zyx": small}
+                    "config": {
+                        "steps": 1,
+                        "n_volumes": 1,
+                        "val_volumes": 1,
+                        "shape_zyx": small,
+                        "n_nuclei_volumes": 1,
+                        "val_nuclei_volumes": 1,
+                    }
                 },
                 "cell_segmentation_model_check_cell_segmentation_model_beats_champion": {
-                    "config": {"volumes": 1, "shape_zyx": small}
+                    "config": {"volumes": 1, "shape_zyx": small, "nuclei_max_shape_zyx": small}
                 },
             }
         },

@@ -163,6 +163,25 @@ def estimate_diameter_px(volume: np.ndarray, *, max_slices: int = 8) -> float:
     return float(2.0 * np.median(found))
 
 
+def z_context_stack(volume_czyx: np.ndarray, z: int, k: int) -> np.ndarray:
+    """The network input of slice ``z``: per channel the slices ``z - k .. z + k``
+    (repeating the first/last slice beyond the ends), channel-major.
+
+    Parameters
+    ----------
+    volume_czyx : ``(C, Z, H, W)`` array.
+    z, k : slice index and context on each side (0: just slice ``z``).
+
+    Returns
+    -------
+    ``(C * (2k + 1), H, W)`` array (a view when ``k == 0``).
+    """
+    if k == 0:
+        return volume_czyx[:, z]
+    idx = np.clip(np.arange(z - k, z + k + 1), 0, volume_czyx.shape[1] - 1)
+    return volume_czyx[:, idx].reshape(-1, *volume_czyx.shape[2:])
+
+
 def split_disconnected(labels: np.ndarray, *, min_size: int = 1) -> np.ndarray:
     """Give every 6-connected piece of every id its own id; drop pieces under ``min_size``.
 

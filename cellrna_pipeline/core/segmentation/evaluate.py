@@ -16,6 +16,7 @@ from cellrna_pipeline.core.segmentation.base import (
     SEMANTIC_CYTOPLASM,
     SEMANTIC_NUCLEUS,
     CellSegmentation,
+    split_disconnected,
 )
 from cellrna_pipeline.core.segmentation.metrics import instance_scores, semantic_scores
 from cellrna_pipeline.core.types import VoxelSize
@@ -82,6 +83,36 @@ def synthetic_volumes(
     return out
 
 
+def dense_nuclei_volumes(
+    n: int, *, seed: int, max_shape_zyx: tuple[int, int, int] | None = None
+) -> list[EvalVolume]:
+    """``n`` dense-nuclei volumes (nucleus stain only, touching nuclei) with the training
+    distribution of random settings (``train._random_nuclei_config``) under seeds
+    ``seed * 1000 + i``; ``cells`` and ``nuclei`` are both the nuclei. No voxel size is
+    attached (the object size is estimated, as for data of unknown scale).
+    ``max_shape_zyx`` crops larger volumes (a corner, for quick checks)."""
+    from cellrna_pipeline.core.segmentation.train import _random_nuclei_config
+    from cellrna_pipeline.core.synth.nuclei import synthesize_nuclei
+
+    out = []
+    for i in range(n):
+        config = _random_nuclei_config(np.random.default_rng([seed, i, 11]), seed * 1000 + i)
+        acq = synthesize_nuclei(config)
+        crop = tuple(slice(0, m) for m in max_shape_zyx) if max_shape_zyx else ()
+        labels = split_disconnected(acq.labels[crop])
+        out.append(
+            EvalVolume(
+                name=f"synth-nuclei seed {config.seed}",
+                nucleus=acq.image[crop],
+                cytoplasm=None,
+                cells=labels,
+                nuclei=labels,
+                extra={"anisotropy": acq.anisotropy, "shape": acq.image.shape},
+            )
+        )
+    return out
+
+
 def semantic_of(cells: np.ndarray, nuclei: np.ndarray) -> np.ndarray:
     """0 background, 1 nucleus, 2 cytoplasm from instance volumes."""
     sem = np.zeros(cells.shape, np.uint8)
@@ -138,11 +169,13 @@ def evaluate(
     return score_volumes(volumes, segs), segs
 
 
+PROMOTION_KEYS = ("cells_ap50", "nuclei_ap50", "iou_nucleus", "iou_cytoplasm", "dense_nuclei_ap50")
+
+
 def promotion_score(metrics: dict[str, float]) -> float:
-    """One number to rank models: mean of cell and nucleus AP@0.5 and nucleus and
-    cytoplasm IoU."""
-    keys = ("cells_ap50", "nuclei_ap50", "iou_nucleus", "iou_cytoplasm")
-    return float(np.mean([metrics[k] for k in keys]))
+    """One number to rank models: mean of cell and nucleus AP@0.5, nucleus and cytoplasm
+    IoU and, when measured, the AP@0.5 on dense-nuclei volumes."""
+    return float(np.mean([metrics[k] for k in PROMOTION_KEYS if k in metrics]))
 
 
 @dataclass(frozen=True)
@@ -171,15 +204,22 @@ def compare_models(
     champion: CellMaskRCNN | None,
     volumes: Sequence[EvalVolume],
     *,
+    nuclei_volumes: Sequence[EvalVolume] = (),
     margin: float = 0.0,
 ) -> Comparison:
-    """Score both models on ``volumes``; a missing champion scores 0 everywhere."""
+    """Score both models on ``volumes`` (both stains) and ``nuclei_volumes`` (dense
+    nuclei, adds ``dense_nuclei_ap50``); a missing champion scores 0 everywhere."""
     from cellrna_pipeline.core.segmentation.segment import CellSegmentationConfig
 
     cfg = CellSegmentationConfig(method="maskrcnn")
-    chal, _ = evaluate(volumes, model=challenger, config=cfg)
-    if champion is None:
-        champ = dict.fromkeys(chal, 0.0)
-    else:
-        champ, _ = evaluate(volumes, model=champion, config=cfg)
+
+    def scores(model: CellMaskRCNN) -> dict[str, float]:
+        out, _ = evaluate(volumes, model=model, config=cfg)
+        if nuclei_volumes:
+            dense, _ = evaluate(nuclei_volumes, model=model, config=cfg)
+            out["dense_nuclei_ap50"] = dense["cells_ap50"]
+        return out
+
+    chal = scores(challenger)
+    champ = dict.fromkeys(chal, 0.0) if champion is None else scores(champion)
     return Comparison(challenger=chal, champion=champ, margin=margin)

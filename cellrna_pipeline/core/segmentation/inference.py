@@ -30,7 +30,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 from scipy import ndimage as ndi
@@ -43,6 +43,8 @@ from cellrna_pipeline.core.segmentation.base import (
     CellSegmentation,
     assemble,
     normalize_percentile,
+    split_disconnected,
+    z_context_stack,
 )
 
 if TYPE_CHECKING:
@@ -93,6 +95,15 @@ class InferenceConfig(StrictModel):
         foreground, growing at most this fraction of the nucleus diameter.
     merge_fragments : merge 3D cells without a nucleus into their largest neighbour (both
         stains given).
+    assembly : how 2D instances become 3D objects: ``"link"`` (Hungarian linking of
+        neighbouring slices, then the area-dip split and the fragment merge below) or
+        ``"watershed"`` (:func:`watershed_slices`, more robust to noisy 2D instances);
+        ``"auto"``: watershed for nucleus-only volumes, linking otherwise.
+    seed_depth_fraction : seed depth of the watershed assembly (fraction of a diameter).
+    split_area_ratio : cut a 3D object where its area per slice dips under this fraction
+        of the peaks on both sides (two objects stacked in z; 0 disables).
+    fragment_fraction : merge 3D objects under this fraction of the typical object volume
+        into the object they touch most in z (cut-off tips; 0 disables).
     end_slice_fraction : trim end slices of a 3D object dimmer than this fraction of its
         median slice (0 disables).
     max_scaled_px : refuse (InputError) when rescaling to the model scale would make a
@@ -113,6 +124,10 @@ class InferenceConfig(StrictModel):
     refine_with_semantic: bool = True
     refine_reach_fraction: float = 0.5
     merge_fragments: bool = True
+    assembly: Literal["auto", "link", "watershed"] = "auto"
+    seed_depth_fraction: float = 0.05
+    split_area_ratio: float = 0.6
+    fragment_fraction: float = 0.1
     end_slice_fraction: float = 0.6
     max_scaled_px: int = 4096
 
@@ -283,7 +298,6 @@ def stitch_slices(
     """
     from scipy.optimize import linear_sum_assignment
 
-    from cellrna_pipeline.core.segmentation.base import split_disconnected
     from cellrna_pipeline.core.segmentation.metrics import iou_matrix
 
     n_z = labels_zyx.shape[0]
@@ -421,6 +435,7 @@ def segment_volume(
     anisotropy: float = 1.0,
     canonical_px: float,
     channels: Sequence[str] = ("nucleus", "cytoplasm"),
+    z_context: int = 0,
     config: InferenceConfig | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> CellSegmentation:
@@ -435,6 +450,8 @@ def segment_volume(
     anisotropy : z step / lateral pixel size (1 when unknown).
     canonical_px : nucleus diameter the predictor was trained at.
     channels : input channel order of the predictor.
+    z_context : neighbouring slices per side the predictor takes with each slice (per
+        channel; the volume's end slices are repeated beyond its ends).
     config : :class:`InferenceConfig`.
 
     Returns
@@ -471,7 +488,7 @@ def segment_volume(
     for b in range(0, len(todo), step):
         zs = todo[b : b + step]
         preds = predict_tiled(
-            [scaled[:, z] for z in zs],
+            [z_context_stack(scaled, z, z_context) for z in zs],
             predict,
             tile_px=cfg.tile_px,
             overlap_px=cfg.overlap_px,
@@ -496,7 +513,18 @@ def segment_volume(
             labels2d[z] = labels
         if progress is not None:
             progress(f"slices {min(b + step, len(todo))}/{len(todo)}")
-    cells = stitch_slices(labels2d, min_iou=cfg.min_iou, min_containment=cfg.min_containment)
+    assembly = cfg.assembly
+    if assembly == "auto":
+        assembly = "watershed" if nucleus is not None and cytoplasm is None else "link"
+    if assembly == "watershed" and n_z > 1:
+        cells = watershed_slices(
+            labels2d, diameter_px=diameter_px, seed_depth_fraction=cfg.seed_depth_fraction
+        )
+    else:
+        cells = stitch_slices(labels2d, min_iou=cfg.min_iou, min_containment=cfg.min_containment)
+        if n_z > 2:
+            cells = split_at_area_minima(cells, ratio=cfg.split_area_ratio)
+            cells = merge_z_fragments(split_disconnected(cells), fraction=cfg.fragment_fraction)
     sphere = (math.pi / 6 * diameter_px**3 / anisotropy if n_z > 1 else nucleus_area) * (
         1 if nucleus is not None else 1 / CELL_TO_NUCLEUS_DIAMETER**3
     )
@@ -611,25 +639,187 @@ def merge_cells_without_nucleus(
     nuc = np.bincount(cells[nucleus_mask].ravel(), minlength=n + 1)
     orphan = nuc < min_nucleus_voxels
     orphan[0] = False
-    if not orphan.any():
-        return cells
+    return merge_into_neighbours(cells, orphan, axes=tuple(range(cells.ndim)))
+
+
+def merge_into_neighbours(
+    labels: np.ndarray, movable: np.ndarray, *, axes: tuple[int, ...]
+) -> np.ndarray:
+    """Give every id with ``movable[id]`` to the non-movable neighbour it shares the most
+    faces with along ``axes``; ids without such a neighbour are kept.
+
+    Parameters
+    ----------
+    labels : integer ids, any dimension.
+    movable : ``(labels.max() + 1,)`` bool, indexed by id.
+    axes : the axes along which faces count (``(0,)``: only z contacts of a ``zyx`` volume).
+    """
+    n = int(labels.max())
+    if n == 0 or not movable.any():
+        return labels
     pairs = []
-    for axis in range(cells.ndim):
-        a = np.moveaxis(cells, axis, 0)[:-1].ravel()
-        b = np.moveaxis(cells, axis, 0)[1:].ravel()
+    for axis in axes:
+        a = np.moveaxis(labels, axis, 0)[:-1].ravel()
+        b = np.moveaxis(labels, axis, 0)[1:].ravel()
         touch = (a != b) & (a > 0) & (b > 0)
         pairs.append(np.stack([a[touch], b[touch]], axis=1))
     both = np.concatenate(pairs) if pairs else np.empty((0, 2), np.int64)
     both = np.concatenate([both, both[:, ::-1]])
-    both = both[orphan[both[:, 0]] & ~orphan[both[:, 1]]]
-    lut = np.arange(n + 1, dtype=cells.dtype)
+    both = both[movable[both[:, 0]] & ~movable[both[:, 1]]]
+    lut = np.arange(n + 1, dtype=labels.dtype)
     if len(both):
         keys, counts = np.unique(both, axis=0, return_counts=True)
         order = np.lexsort((-counts, keys[:, 0]))
         keys = keys[order]
         first = np.unique(keys[:, 0], return_index=True)[1]
         lut[keys[first, 0]] = keys[first, 1]
-    return lut[cells]
+    return lut[labels]
+
+
+def watershed_slices(
+    labels_zyx: np.ndarray,
+    *,
+    diameter_px: float,
+    seed_depth_fraction: float = 0.05,
+    z_smoothing: float = 0.7,
+) -> np.ndarray:
+    """Join per-slice 2D instances into 3D objects by a seeded 3D watershed.
+
+    The alternative to linking (:func:`stitch_slices`) when the 2D instances are noisy:
+    every pixel gets its distance to the border of its own 2D instance (0 on borders
+    between instances), smoothed along z so that the slices vote together; seeds are the
+    maxima standing ``seed_depth_fraction * diameter_px`` above their surroundings
+    (h-maxima), and the union of the 2D instances is flooded from them. An object ending
+    where another begins above it leaves a waist of small cross-sections, hence a
+    saddle, between their seeds; a slice where the 2D model merged or split two objects
+    is outvoted by its neighbours.
+
+    Parameters
+    ----------
+    labels_zyx : ``(z, y, x)`` per-slice 2D ids (independent per slice, 0 background).
+    diameter_px : lateral object diameter (pixels).
+    seed_depth_fraction : seed depth as a fraction of the diameter.
+    z_smoothing : Gaussian sigma along z (slices) of the distance map.
+
+    Returns
+    -------
+    ``(z, y, x)`` uint32 ids, each one 6-connected object.
+    """
+    from skimage.morphology import h_maxima
+    from skimage.segmentation import watershed
+
+    from cellrna_pipeline.core.segmentation.base import split_disconnected
+
+    foreground = labels_zyx > 0
+    if not foreground.any():
+        return np.zeros(labels_zyx.shape, np.uint32)
+    dist = np.zeros(labels_zyx.shape, np.float32)
+    for z in range(labels_zyx.shape[0]):
+        lab = labels_zyx[z]
+        if not lab.any():
+            continue
+        border = np.zeros(lab.shape, bool)
+        for axis in (0, 1):
+            diff = np.diff(lab, axis=axis) != 0
+            lo = (slice(None, -1), slice(None)) if axis == 0 else (slice(None), slice(None, -1))
+            hi = (slice(1, None), slice(None)) if axis == 0 else (slice(None), slice(1, None))
+            border[lo] |= diff
+            border[hi] |= diff
+        dist[z] = ndi.distance_transform_edt((lab > 0) & ~border)
+    sigma_z = z_smoothing if labels_zyx.shape[0] > 1 else 0.0
+    dist = ndi.gaussian_filter(dist, (sigma_z, 0.5, 0.5))
+    peaks = h_maxima(dist, seed_depth_fraction * diameter_px).astype(bool) & foreground
+    markers, _ = ndi.label(peaks, structure=np.ones((3, 3, 3)))
+    return split_disconnected(watershed(-dist, markers, mask=foreground))
+
+
+def split_at_area_minima(labels: np.ndarray, *, ratio: float = 0.6) -> np.ndarray:
+    """Split 3D objects where two objects stacked in z were linked into one.
+
+    A single convex object's area per z-slice rises and falls once; two objects joined
+    end to end (one ending where the next begins, above it) show a dip. An object is cut
+    at its deepest slice ``k`` whose area is under ``ratio`` times the smaller of the
+    largest areas before and after it, and both parts are examined again. Slice ``k`` goes
+    to the side whose neighbouring slice overlaps it more.
+
+    Parameters
+    ----------
+    labels : ``(z, y, x)`` ids.
+    ratio : dip depth needed to cut (0 disables).
+
+    Returns
+    -------
+    ``(z, y, x)`` uint32 ids (new ids after the existing ones).
+    """
+    out = labels.astype(np.uint32, copy=True)
+    if ratio <= 0 or labels.shape[0] < 3:
+        return out
+    next_id = int(out.max()) + 1
+    for obj, box in enumerate(ndi.find_objects(labels), start=1):
+        if box is None or box[0].stop - box[0].start < 3:
+            continue
+        mask = labels[box] == obj
+        region = out[box]
+        todo = [(0, mask.shape[0])]
+        first = True
+        while todo:
+            z0, z1 = todo.pop()
+            part = mask[z0:z1]
+            cut = _deepest_dip(part.sum(axis=(1, 2)).astype(np.float64), ratio)
+            if cut is None:
+                if not first:
+                    region[z0:z1][part] = next_id
+                    next_id += 1
+                first = False
+                continue
+            below = np.count_nonzero(part[cut] & part[cut - 1])
+            above = np.count_nonzero(part[cut] & part[cut + 1])
+            k = cut if above >= below else cut + 1
+            # the first piece found keeps the old id, so an unsplit object is unchanged
+            todo += [(z0 + k, z1), (z0, z0 + k)]
+    return out
+
+
+def _deepest_dip(areas: np.ndarray, ratio: float) -> int | None:
+    """Index ``k`` (not first or last) of the deepest area dip under ``ratio``, or None."""
+    n = len(areas)
+    if n < 3:
+        return None
+    before = np.maximum.accumulate(areas)
+    after = np.maximum.accumulate(areas[::-1])[::-1]
+    k = np.arange(1, n - 1)
+    depth = areas[k] / np.maximum(np.minimum(before[k - 1], after[k + 1]), 1e-9)
+    best = int(np.argmin(depth))
+    return int(k[best]) if depth[best] < ratio else None
+
+
+def merge_z_fragments(labels: np.ndarray, *, fraction: float = 0.2) -> np.ndarray:
+    """Merge small 3D objects into the object they touch most in z.
+
+    Tips of an object cut off by a wrong z link (and other pieces split off along z) are
+    small: an object under ``fraction`` of the typical object volume (that of the object
+    holding the median foreground voxel, so many fragments do not lower it), not touching
+    the first or last slice (objects cut by the stack's ends are small for a reason), joins
+    the larger object it shares the most z-faces with; lateral contacts do not count.
+
+    Parameters
+    ----------
+    labels : ``(z, y, x)`` ids.
+    fraction : of the typical object volume (0 disables).
+    """
+    n = int(labels.max())
+    if n == 0 or fraction <= 0 or labels.shape[0] < 3:
+        return labels
+    sizes = np.bincount(labels.ravel(), minlength=n + 1)
+    ordered = np.sort(sizes[1:])
+    if ordered[-1] == 0:
+        return labels
+    typical = float(ordered[np.searchsorted(np.cumsum(ordered), ordered.sum() / 2.0)])
+    small = sizes < fraction * typical
+    small[0] = False
+    small[np.unique(labels[0])] = False
+    small[np.unique(labels[-1])] = False
+    return merge_into_neighbours(labels, small, axes=(0,))
 
 
 def _semantic_argmax(logits: np.ndarray, shape: tuple[int, int]) -> np.ndarray:

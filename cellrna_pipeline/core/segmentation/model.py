@@ -12,7 +12,8 @@ ordered dict of feature maps and has an ``out_channels`` attribute (a ViT/DINOv2
 simple feature pyramid, where weights are available offline) can be passed to
 :func:`build_model` instead of the ResNet.
 
-Tensors: images ``(C, H, W)`` float32 (``C = len(config.input_channels)``, channels
+Tensors: images ``(C, H, W)`` float32 (``C = config.n_input_channels``: per stain of
+``config.input_channels`` the slices ``z - k .. z + k`` with ``k = config.z_context``,
 normalized to ~[0, 1], a missing stain all zeros); training targets per image
 ``boxes (N, 4)`` float xyxy pixels, ``labels (N,)`` int64 (1 = cell), ``masks (N, H, W)``
 uint8, ``semantic (H, W)`` int64 in 0..2 (255 = ignore). Eval output per image:
@@ -31,7 +32,7 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import model_validator
+from pydantic import Field, model_validator
 from torch import nn
 from torchvision.models.detection import MaskRCNN
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
@@ -63,6 +64,9 @@ class MaskRCNNConfig(StrictModel):
     aspect_ratios : anchor aspect ratios (height / width).
     input_channels : stains fed to the network, in order (each ``nucleus`` or
         ``cytoplasm``); a stain absent from an image is an all-zero channel.
+    z_context : neighbouring z-slices given on each side of the predicted slice, per
+        stain (0: plain 2D input; 1: slices z-1, z, z+1, so the network sees whether an
+        object grows or ends in z). A 2D image repeats its one slice.
     input_size_px : training tile size and inference tile size (pixels). Images are never
         resized by the model (torchvision's default 800 px resize is disabled).
     canonical_nucleus_diameter_px : nucleus diameter the model was trained at; inputs
@@ -80,6 +84,7 @@ class MaskRCNNConfig(StrictModel):
     anchor_sizes_px: tuple[int, ...] = (8, 16, 32, 64)
     aspect_ratios: tuple[float, ...] = (0.5, 1.0, 2.0)
     input_channels: tuple[str, ...] = KNOWN_CHANNELS
+    z_context: int = Field(default=0, ge=0, le=3)
     input_size_px: int = 256
     canonical_nucleus_diameter_px: float = CANONICAL_NUCLEUS_DIAMETER_PX
     box_head_dim: int = 256
@@ -110,6 +115,11 @@ class MaskRCNNConfig(StrictModel):
             raise ValueError("input_size_px must be a multiple of 32 and >= 64")
         return self
 
+    @property
+    def n_input_channels(self) -> int:
+        """Channels of the network input: ``len(input_channels) * (2 * z_context + 1)``."""
+        return len(self.input_channels) * (2 * self.z_context + 1)
+
 
 class _NoResizeTransform(GeneralizedRCNNTransform):
     """torchvision's batching/padding without its resize: callers fix the scale."""
@@ -131,7 +141,7 @@ def _resnet_fpn(config: MaskRCNNConfig) -> nn.Module:
 
     make = {18: resnet18, 34: resnet34, 50: resnet50}[config.backbone_depth]
     body = make(weights=None, norm_layer=_norm_layer(config.norm))
-    body.conv1 = nn.Conv2d(len(config.input_channels), 64, 7, stride=2, padding=3, bias=False)
+    body.conv1 = nn.Conv2d(config.n_input_channels, 64, 7, stride=2, padding=3, bias=False)
     expansion = 4 if config.backbone_depth == 50 else 1
     stages = range(1, config.backbone_stages + 1)
     return BackboneWithFPN(
@@ -221,7 +231,7 @@ class CellMaskRCNN(MaskRCNN):
 
     def __init__(self, backbone: nn.Module, config: MaskRCNNConfig, **kwargs: Any) -> None:
         super().__init__(backbone, **kwargs)
-        n_ch = len(config.input_channels)
+        n_ch = config.n_input_channels
         self.transform = _NoResizeTransform(
             min_size=config.input_size_px,
             max_size=config.input_size_px,
@@ -324,6 +334,34 @@ def build_model(
     )
 
 
+def expand_z_context(
+    state: dict[str, torch.Tensor], source: MaskRCNNConfig, target: MaskRCNNConfig
+) -> dict[str, torch.Tensor]:
+    """Weights of a model with ``source.z_context`` for one with ``target.z_context``.
+
+    The layers that read the input image (the first backbone conv and the semantic head's
+    image branch) get the old weights on each stain's centre slice and zeros on the added
+    neighbouring slices, so the new model starts out computing exactly what the old one
+    did and learns to use the z-context while fine-tuning. Other weights are unchanged.
+    """
+    if source.input_channels != target.input_channels:
+        raise ValueError("input_channels differ; cannot map the input layers")
+    k_old, k_new = source.z_context, target.z_context
+    n_stains = len(source.input_channels)
+    out = dict(state)
+    for key, w in state.items():
+        if w.ndim != 4 or w.shape[1] != source.n_input_channels or k_old == k_new:
+            continue
+        if not key.endswith(("body.conv1.weight", "image_branch.0.weight")):
+            continue
+        new = w.new_zeros((w.shape[0], target.n_input_channels, *w.shape[2:]))
+        for c in range(n_stains):
+            for d in range(-min(k_old, k_new), min(k_old, k_new) + 1):
+                new[:, c * (2 * k_new + 1) + k_new + d] = w[:, c * (2 * k_old + 1) + k_old + d]
+        out[key] = new
+    return out
+
+
 def count_parameters(model: nn.Module) -> int:
     """Number of trainable parameters."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -339,13 +377,15 @@ def save_model_folder(
     training: dict[str, Any] | None = None,
     metrics: dict[str, Any] | None = None,
     model_card: str | None = None,
+    files: dict[str, str] | None = None,
     half: bool = True,
 ) -> Path:
     """Write a model folder (the format shipped in ``model_registry/`` and stored in MLflow).
 
     ``config.json``: ``{"kind", "model": MaskRCNNConfig, "training": {...}}``;
     ``weights.pt``: the state_dict (float16 when ``half``, to ship small; loaded back as
-    float32); ``metrics.json`` and ``model_card.md`` when given. Written atomically.
+    float32); ``metrics.json``, ``model_card.md`` and other text ``files`` (name: text)
+    when given. Written atomically.
     """
     from cellrna_pipeline.core.io import atomic_dir
 
@@ -371,6 +411,8 @@ def save_model_folder(
             (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
         if model_card is not None:
             (tmp / "model_card.md").write_text(model_card)
+        for name, text in (files or {}).items():
+            (tmp / name).write_text(text)
     return folder
 
 

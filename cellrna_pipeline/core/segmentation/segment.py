@@ -130,6 +130,7 @@ def segment_cells(
             anisotropy=anisotropy,
             canonical_px=model.config.canonical_nucleus_diameter_px,
             channels=model.config.input_channels,
+            z_context=model.config.z_context,
             config=cfg.inference,
             progress=progress,
         )

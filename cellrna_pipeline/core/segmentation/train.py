@@ -25,6 +25,7 @@ validates and writes checkpoints.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -32,12 +33,12 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import Field
+from pydantic import Field, ValidationError
 from scipy import ndimage as ndi
 
 from cellrna_pipeline.core.config import StrictModel
@@ -47,12 +48,16 @@ from cellrna_pipeline.core.segmentation.base import (
     SEMANTIC_NUCLEUS,
     estimate_diameter_px,
     normalize_percentile,
+    z_context_stack,
 )
 from cellrna_pipeline.core.segmentation.model import (
     CellMaskRCNN,
     MaskRCNNConfig,
     build_model,
     count_parameters,
+    expand_z_context,
+    load_model_folder,
+    read_model_config,
     save_model_folder,
 )
 
@@ -67,14 +72,21 @@ class DatasetConfig(StrictModel):
     n_volumes : volumes to synthesize (one timepoint each).
     seed : base seed; volume ``i`` uses generator seed ``seed * 1000 + i`` and its own
         random parameters.
-    shape_zyx : volume shape in voxels.
+    shape_zyx : volume shape in voxels (cell volumes; dense-nuclei volumes draw their own).
     empty_slices_per_volume : slices without cells kept per volume (to learn "nothing").
+    n_nuclei_volumes : dense-nuclei volumes added (nucleus-only, touching nuclei packed in
+        3D: :func:`~cellrna_pipeline.core.synth.nuclei.synthesize_nuclei` with broad random
+        settings); volume ``i`` uses generator seed ``seed * 1000 + i`` of that generator.
+    nuclei_slices_per_volume : at most this many z-slices (evenly spaced among those with
+        nuclei) kept per dense-nuclei volume.
     """
 
-    n_volumes: int = Field(default=48, ge=1)
+    n_volumes: int = Field(default=48, ge=0)
     seed: int = Field(default=0, ge=0)
     shape_zyx: tuple[int, int, int] = (32, 256, 256)
     empty_slices_per_volume: int = Field(default=2, ge=0)
+    n_nuclei_volumes: int = Field(default=0, ge=0)
+    nuclei_slices_per_volume: int = Field(default=16, ge=1)
 
 
 class AugmentConfig(StrictModel):
@@ -90,28 +102,36 @@ class AugmentConfig(StrictModel):
     blur_probability: float = 0.3
     blur_sigma_max_px: float = 1.5
     noise_std_max: float = 0.08
+    context_dropout_probability: float = 0.1
 
 
 class TrainConfig(StrictModel):
     """Everything that defines a training run (recorded with the model).
 
-    The defaults are the recipe of the shipped champion (``cellrna train cells``).
+    The defaults are the dense-nuclei fine-tuning recipe (``cellrna train cells --init
+    MODEL_DIR``; measured in docs/benchmarks/cells.md, not shipped). The shipped champion
+    records its own recipe: ``cellrna train cells --recipe model_registry/cell-maskrcnn``
+    trains it again.
+    ``init_from``: a model folder whose weights start the run (fine-tuning; its weights
+    must fit ``model``, whose training-only settings such as the tile size may differ);
+    ``None`` trains from scratch.
     """
 
     seed: int = 0
-    steps: int = Field(default=1000, ge=1)
+    steps: int = Field(default=2400, ge=1)
     batch_size: int = Field(default=2, ge=1)
-    learning_rate: float = 1e-3
+    learning_rate: float = 6e-4
     weight_decay: float = 1e-4
     warmup_steps: int = 100
     grad_clip_norm: float = 10.0
-    validate_every: int = 300
-    checkpoint_every: int = 300
+    validate_every: int = 600
+    checkpoint_every: int = 200
     val_slices: int = 48
-    model: MaskRCNNConfig = MaskRCNNConfig(input_size_px=192)
-    data: DatasetConfig = DatasetConfig()
-    val_data: DatasetConfig = DatasetConfig(n_volumes=4, seed=500)
+    model: MaskRCNNConfig = MaskRCNNConfig(input_size_px=160, box_batch_size_per_image=64)
+    data: DatasetConfig = DatasetConfig(n_nuclei_volumes=48, nuclei_slices_per_volume=12)
+    val_data: DatasetConfig = DatasetConfig(n_volumes=4, seed=500, n_nuclei_volumes=4)
     augment: AugmentConfig = AugmentConfig()
+    init_from: str | None = None
 
 
 # --- samples ---------------------------------------------------------------------------
@@ -127,12 +147,15 @@ class TrainSample:
     cells : ``(H, W)`` int32 cell ids.
     nuclei : ``(H, W)`` int32 nucleus ids (= the cell's id).
     source : where it came from (volume seed, z).
+    kind : ``"cells"`` (both stains, nuclei inside cells) or ``"nuclei"`` (nucleus stain
+        only, the cytoplasm channel is zeros and ``cells == nuclei``).
     """
 
     image: np.ndarray
     cells: np.ndarray
     nuclei: np.ndarray
     source: str = ""
+    kind: Literal["cells", "nuclei"] = "cells"
 
 
 def _random_synth_config(rng: np.random.Generator, seed: int, shape_zyx: tuple[int, int, int]):
@@ -163,6 +186,51 @@ def _random_synth_config(rng: np.random.Generator, seed: int, shape_zyx: tuple[i
     )
 
 
+def _random_nuclei_config(rng: np.random.Generator, seed: int):
+    """Broad random settings of the dense-nuclei generator (nucleus-only, touching nuclei).
+
+    Sizes are drawn in pixels (nucleus diameter 8-48 px, log-uniform; anisotropy 1-4)
+    and the field holds 6-12 nucleus diameters laterally and 3-6 axially; blur, haze,
+    contrast, noise, texture and shapes vary widely.
+    """
+    from cellrna_pipeline.core.synth.nuclei import NucleiConfig
+
+    lateral_um = 0.2
+    d_px = float(np.exp(rng.uniform(np.log(8.0), np.log(48.0))))
+    anisotropy = float(rng.uniform(1.0, 4.0))
+    z_aspect = float(rng.uniform(0.6, 1.2))
+    side = int(np.clip(round(d_px * rng.uniform(6.0, 12.0)), 64, 256))
+    n_z = int(np.clip(round(d_px * z_aspect / anisotropy * rng.uniform(3.0, 6.0)), 12, 64))
+    radius_um = d_px * lateral_um / 2.0
+    psf_lateral_nm = 1000.0 * lateral_um * float(rng.uniform(0.3, max(0.4, 0.12 * d_px)))
+    psf_axial_nm = 1000.0 * radius_um * z_aspect * float(rng.uniform(0.1, 0.8))
+    return NucleiConfig(
+        seed=seed,
+        shape_zyx=(n_z, side, side),
+        voxel_size_um=(anisotropy * lateral_um, lateral_um, lateral_um),
+        nucleus_radius_um=radius_um,
+        nucleus_radius_cv=float(rng.uniform(0.05, 0.3)),
+        z_aspect=z_aspect,
+        elongation_max=float(rng.uniform(1.0, 1.8)),
+        irregularity=float(rng.uniform(0.0, 0.2)),
+        volume_fraction=float(rng.uniform(0.1, 0.45)),
+        contact=float(rng.uniform(0.75, 0.98)),
+        clustering=float(rng.uniform(0.0, 1.0)),
+        psf_sigma_nm=(max(psf_axial_nm, 50.0), psf_lateral_nm, psf_lateral_nm),
+        nucleus_photons=float(np.exp(rng.uniform(np.log(30.0), np.log(1000.0)))),
+        brightness_cv=float(rng.uniform(0.05, 0.5)),
+        texture_contrast=float(rng.uniform(0.0, 0.4)),
+        nucleolus_contrast=float(rng.uniform(0.0, 0.5)),
+        haze=float(rng.uniform(0.0, 1.0)),
+        haze_sigma_radii=float(rng.uniform(1.0, 4.0)),
+        background_photons=float(np.exp(rng.uniform(np.log(10.0), np.log(400.0)))),
+        illumination_falloff=float(rng.uniform(0.0, 0.5)),
+        camera_offset_adu=float(rng.uniform(0.0, 500.0)),
+        camera_gain_adu_per_e=float(rng.uniform(1.0, 4.0)),
+        read_noise_e=float(rng.uniform(1.0, 10.0)),
+    )
+
+
 def _resize_labels(labels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     t = torch.from_numpy(labels.astype(np.float32))[:, None]
     return F.interpolate(t, size=size, mode="nearest-exact")[:, 0].numpy().astype(np.int32)
@@ -183,11 +251,14 @@ def make_samples(
     config: DatasetConfig,
     *,
     canonical_px: float,
+    z_context: int = 0,
     progress: Callable[[str], None] | None = None,
 ) -> list[TrainSample]:
     """Synthesize the dataset's volumes and cut them into canonical-scale slices.
 
     Every slice that holds a cell is kept, plus ``empty_slices_per_volume`` without.
+    With ``z_context = k`` each sample holds, per stain, its slice and ``k`` neighbours
+    on each side (:func:`~cellrna_pipeline.core.segmentation.base.z_context_stack`).
     Deterministic for a given config.
     """
     from cellrna_pipeline.core.synth import synthesize
@@ -216,7 +287,7 @@ def make_samples(
         for k in sorted(int(c) for c in chosen):
             samples.append(
                 TrainSample(
-                    image=image[:, k].astype(np.float32),
+                    image=z_context_stack(image, k, z_context).astype(np.float32),
                     cells=cells[k],
                     nuclei=nuclei[k],
                     source=f"synth seed={seed} z={k}",
@@ -224,6 +295,58 @@ def make_samples(
             )
         if progress is not None and ((i + 1) % 8 == 0 or i + 1 == config.n_volumes):
             progress(f"synthesized {i + 1}/{config.n_volumes} volumes ({len(samples)} slices)")
+    samples += _dense_nuclei_samples(
+        config, canonical_px=canonical_px, z_context=z_context, progress=progress
+    )
+    return samples
+
+
+def _dense_nuclei_samples(
+    config: DatasetConfig,
+    *,
+    canonical_px: float,
+    z_context: int,
+    progress: Callable[[str], None] | None,
+) -> list[TrainSample]:
+    """Canonical-scale slices of the dataset's dense-nuclei volumes (nucleus stain only)."""
+    from cellrna_pipeline.core.synth.nuclei import synthesize_nuclei
+
+    samples: list[TrainSample] = []
+    for i in range(config.n_nuclei_volumes):
+        rng = np.random.default_rng([config.seed, i, 2])
+        seed = config.seed * 1000 + i
+        acq = synthesize_nuclei(_random_nuclei_config(rng, seed))
+        nuc = acq.image.astype(np.float32)
+        scale = canonical_px / estimate_diameter_px(nuc)
+        z, h, w = nuc.shape
+        size = (max(32, round(h * scale)), max(32, round(w * scale)))
+        full = [k for k in range(z) if acq.labels[k].any()]
+        keep = sorted(
+            {full[int(j)] for j in np.linspace(0, len(full) - 1, config.nuclei_slices_per_volume)}
+        )
+        # the kept slices and their z-context neighbours, rescaled
+        used = sorted(
+            {int(np.clip(k + d, 0, z - 1)) for k in keep for d in range(-z_context, z_context + 1)}
+        )
+        norm = _resize_image(normalize_percentile(nuc)[used], size)
+        stack = np.zeros((2, z, *size), np.float32)
+        stack[0, used] = norm
+        labels = _resize_labels(acq.labels[keep].astype(np.int32), size)
+        for j, k in enumerate(keep):
+            samples.append(
+                TrainSample(
+                    image=z_context_stack(stack, k, z_context).astype(np.float32),
+                    cells=labels[j],
+                    nuclei=labels[j].copy(),
+                    source=f"nuclei seed={seed} z={k}",
+                    kind="nuclei",
+                )
+            )
+        if progress is not None and ((i + 1) % 8 == 0 or i + 1 == config.n_nuclei_volumes):
+            progress(
+                f"synthesized {i + 1}/{config.n_nuclei_volumes} dense-nuclei volumes "
+                f"({len(samples)} slices)"
+            )
     return samples
 
 
@@ -263,7 +386,14 @@ def export_coco(samples: Sequence[TrainSample], folder: str | Path) -> Path:
             np.save(tmp / name, s.image.astype(np.float16))
             h, w = s.cells.shape
             images.append(
-                {"id": img_id, "file_name": name, "height": h, "width": w, "source": s.source}
+                {
+                    "id": img_id,
+                    "file_name": name,
+                    "height": h,
+                    "width": w,
+                    "source": s.source,
+                    "kind": s.kind,
+                }
             )
             for cell_id in np.unique(s.cells[s.cells > 0]):
                 cell_ann = ann_id
@@ -330,7 +460,8 @@ def import_coco(folder: str | Path) -> list[TrainSample]:
                 parent = by_id.get(a.get("cell_annotation_id", -1))
                 value = parent.get("instance_id", 0) if parent else a.get("instance_id", 0)
                 nuclei[coco.annToMask(a) > 0] = value
-        samples.append(TrainSample(image, cells, nuclei, info.get("source", "")))
+        kind: Literal["cells", "nuclei"] = "nuclei" if info.get("kind") == "nuclei" else "cells"
+        samples.append(TrainSample(image, cells, nuclei, info.get("source", ""), kind))
     return samples
 
 
@@ -342,64 +473,81 @@ def augment(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One random view of a sample: ``(image (2, T, T), instances (T, T), semantic (T, T))``.
 
-    ``instances`` are the cell ids, or the nucleus ids in nucleus-only mode.
+    ``instances`` are the cell ids, or the nucleus ids in nucleus-only mode (always for
+    ``kind == "nuclei"`` samples, which have no cell stain).
     """
     image, cells, nuclei = sample.image, sample.cells, sample.nuclei
     lo, hi = config.scale_range
     s = float(np.exp(rng.uniform(np.log(lo), np.log(hi))))
+    rotate = rng.random() < config.rotate_probability
+    # Only a window just large enough for the tile (and its rotation) is resized and
+    # rotated: transforming whole slices dominated the step time.
+    need = math.ceil(tile_px / s * (math.sqrt(2.0) if rotate else 1.0)) + 2
     h, w = cells.shape
-    size = (max(16, round(h * s)), max(16, round(w * s)))
-    image = _resize_image(image, size)
-    both = _resize_labels(np.stack([cells, nuclei]), size)
+    wh, ww = min(h, need), min(w, need)
+    y0, x0 = int(rng.integers(0, h - wh + 1)), int(rng.integers(0, w - ww + 1))
+    window = (slice(y0, y0 + wh), slice(x0, x0 + ww))
+    size = (max(16, round(wh * s)), max(16, round(ww * s)))
+    image = _resize_image(image[(slice(None), *window)], size)
+    both = _resize_labels(np.stack([cells[window], nuclei[window]]), size)
     cells, nuclei = both[0], both[1]
     # geometry: 90-degree rotations, flips, sometimes a small arbitrary rotation
     k = int(rng.integers(4))
     image, cells, nuclei = (np.rot90(a, k, axes=(-2, -1)) for a in (image, cells, nuclei))
     if rng.random() < 0.5:
         image, cells, nuclei = image[..., ::-1], cells[..., ::-1], nuclei[..., ::-1]
-    if rng.random() < config.rotate_probability:
+    if rotate:
         angle = float(rng.uniform(-45, 45))
         image = ndi.rotate(image, angle, axes=(-1, -2), reshape=False, order=1, mode="constant")
         cells = ndi.rotate(cells, angle, axes=(-1, -2), reshape=False, order=0, mode="constant")
         nuclei = ndi.rotate(nuclei, angle, axes=(-1, -2), reshape=False, order=0, mode="constant")
-    # crop / pad to the tile
+    # crop / pad to the tile (the centre of a rotated window: its corners are empty)
     out_img = np.zeros((image.shape[0], tile_px, tile_px), np.float32)
     out_cells = np.zeros((tile_px, tile_px), np.int32)
     out_nuc = np.zeros((tile_px, tile_px), np.int32)
     h, w = cells.shape
-    y0 = int(rng.integers(0, h - tile_px + 1)) if h > tile_px else 0
-    x0 = int(rng.integers(0, w - tile_px + 1)) if w > tile_px else 0
+    if rotate:
+        y0, x0 = max(0, (h - tile_px) // 2), max(0, (w - tile_px) // 2)
+    else:
+        y0 = int(rng.integers(0, h - tile_px + 1)) if h > tile_px else 0
+        x0 = int(rng.integers(0, w - tile_px + 1)) if w > tile_px else 0
     oy = int(rng.integers(0, tile_px - h + 1)) if h < tile_px else 0
     ox = int(rng.integers(0, tile_px - w + 1)) if w < tile_px else 0
     ch, cw = min(h, tile_px), min(w, tile_px)
     out_img[:, oy : oy + ch, ox : ox + cw] = image[:, y0 : y0 + ch, x0 : x0 + cw]
     out_cells[oy : oy + ch, ox : ox + cw] = cells[y0 : y0 + ch, x0 : x0 + cw]
     out_nuc[oy : oy + ch, ox : ox + cw] = nuclei[y0 : y0 + ch, x0 : x0 + cw]
-    # channel mode
+    # channel mode; the image holds 2 stains (nucleus, cytoplasm) x g z-slices each
+    g = out_img.shape[0] // 2
+    nucleus_ch, cell_ch = slice(0, g), slice(g, 2 * g)
     u = rng.random()
     semantic = np.zeros((tile_px, tile_px), np.int64)
-    if u < config.nucleus_only_probability:
-        out_img[1] = 0.0
+    if sample.kind == "nuclei" or u < config.nucleus_only_probability:
+        out_img[cell_ch] = 0.0
         instances = out_nuc
         semantic[out_nuc > 0] = SEMANTIC_NUCLEUS
     else:
         if u < config.nucleus_only_probability + config.cell_only_probability:
-            out_img[0] = 0.0
+            out_img[nucleus_ch] = 0.0
         instances = out_cells
         semantic[out_cells > 0] = SEMANTIC_CYTOPLASM
         semantic[out_nuc > 0] = SEMANTIC_NUCLEUS
-    # intensities
-    for c in range(out_img.shape[0]):
-        if not out_img[c].any():
+    if g > 1 and rng.random() < config.context_dropout_probability:
+        for ch in (nucleus_ch, cell_ch):  # as a 2D image: the slice repeated
+            out_img[ch] = out_img[ch.start + g // 2]
+    # intensities: one draw per stain, the same for its z-slices (noise per slice)
+    for ch in (nucleus_ch, cell_ch):
+        if not out_img[ch].any():
             continue
-        x = out_img[c]
+        x: np.ndarray = out_img[ch]
         if rng.random() < config.blur_probability:
-            x = ndi.gaussian_filter(x, float(rng.uniform(0.3, config.blur_sigma_max_px)))
+            sigma = float(rng.uniform(0.3, config.blur_sigma_max_px))
+            x = ndi.gaussian_filter(x, (0.0, sigma, sigma))
         gamma = float(rng.uniform(*config.gamma_range))
         x = np.sign(x) * np.abs(x) ** gamma
         x = x * float(rng.uniform(*config.gain_range)) + float(rng.normal(0, config.offset_std))
         x = x + rng.normal(0, float(rng.uniform(0, config.noise_std_max)), x.shape)
-        out_img[c] = x.astype(np.float32)
+        out_img[ch] = x.astype(np.float32)
     return out_img, instances, semantic
 
 
@@ -465,6 +613,22 @@ def evaluate_slices(
         "val_iou_cytoplasm": sem_scores["iou_2"],
         "val_accuracy": sem_scores["accuracy"],
     }
+
+
+def validate(
+    model: CellMaskRCNN, samples: Sequence[TrainSample], *, n_slices: int
+) -> dict[str, float]:
+    """:func:`evaluate_slices` on the first ``n_slices`` cell slices (``val_*``) and, when
+    there are dense-nuclei slices, on the first ``n_slices`` of those (``val_nuclei_ap50``,
+    ``val_nuclei_map``)."""
+    cells = [s for s in samples if s.kind == "cells"][:n_slices]
+    nuclei = [s for s in samples if s.kind == "nuclei"][:n_slices]
+    metrics = evaluate_slices(model, cells) if cells else {}
+    if nuclei:
+        scores = evaluate_slices(model, nuclei)
+        metrics["val_nuclei_ap50"] = scores["val_ap50"]
+        metrics["val_nuclei_map"] = scores["val_map"]
+    return metrics
 
 
 # --- the loop --------------------------------------------------------------------------
@@ -551,7 +715,19 @@ def train_model(
     rank, world = _distributed()
     device = select_device()
     torch.manual_seed(config.seed)  # identical initial weights on every rank
-    model = build_model(config.model).to(device)
+    model = build_model(config.model)
+    if config.init_from is not None:
+        init = load_model_folder(config.init_from)
+        state = init.state_dict()
+        if init.config.z_context != config.model.z_context:
+            state = expand_z_context(state, init.config, config.model)
+        try:
+            model.load_state_dict(state)
+        except (RuntimeError, ValueError):
+            raise InputError(
+                f"{config.init_from}: its weights do not fit the training config's model"
+            ) from None
+    model = model.to(device)
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
     )
@@ -559,6 +735,10 @@ def train_model(
     ckpt = Path(checkpoint_dir) / "last.pt" if checkpoint_dir is not None else None
     if ckpt is not None and ckpt.exists():
         state = torch.load(ckpt, map_location="cpu", weights_only=False)
+        if state.get("config", {}).get("model") != config.model.model_dump(mode="json"):
+            raise InputError(
+                f"{ckpt} is the checkpoint of another model architecture; remove it to start over"
+            )
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         start_step = int(state["step"])
@@ -614,7 +794,7 @@ def train_model(
         history.append({"step": step + 1, **record})
         last = step + 1 == config.steps
         if rank == 0 and val_samples and ((step + 1) % config.validate_every == 0 or last):
-            metrics = evaluate_slices(model, list(val_samples)[: config.val_slices])
+            metrics = validate(model, val_samples, n_slices=config.val_slices)
             _emit(callbacks, "on_validation", step + 1, metrics)
             if say:
                 say(
@@ -672,69 +852,215 @@ def load_or_make_samples(
     config: DatasetConfig,
     *,
     canonical_px: float,
+    z_context: int = 0,
     cache_dir: str | Path | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> list[TrainSample]:
     """The dataset of ``config``, read from its COCO cache under ``cache_dir`` when there,
     else synthesized (and cached). The cache folder name encodes the config."""
+
+    def make() -> list[TrainSample]:
+        return make_samples(
+            config, canonical_px=canonical_px, z_context=z_context, progress=progress
+        )
+
     if cache_dir is None:
-        return make_samples(config, canonical_px=canonical_px, progress=progress)
+        return make()
     import hashlib
 
-    key = hashlib.sha256((config.model_dump_json() + f"|{canonical_px}").encode()).hexdigest()[:12]
+    text = config.model_dump_json() + f"|{canonical_px}" + (f"|z{z_context}" if z_context else "")
+    key = hashlib.sha256(text.encode()).hexdigest()[:12]
     folder = Path(cache_dir) / f"cells-coco-{key}"
     if (folder / "annotations.json").exists():
         if progress:
             progress(f"reading the COCO dataset {folder}")
         return import_coco(folder)
-    samples = make_samples(config, canonical_px=canonical_px, progress=progress)
+    samples = make()
     if not folder.exists():
         export_coco(samples, folder)
     return samples
 
 
-def model_card(result: TrainResult, *, command: str, data_note: str = "") -> str:
-    """A markdown model card: data, seed, steps, speed, metrics, how to reproduce."""
-    cfg = result.config
+def weights_sha256(folder: str | Path) -> str:
+    """sha256 of a model folder's ``weights.pt`` (identifies the weights a run started from)."""
+    import hashlib
+
+    return hashlib.sha256((Path(folder) / "weights.pt").read_bytes()).hexdigest()
+
+
+def read_recipe(path: str | Path) -> TrainConfig:
+    """The :class:`TrainConfig` of a recipe file, to train again what it records.
+
+    Parameters
+    ----------
+    path : a ``TrainConfig`` JSON file, or a model folder (or its ``config.json``) written
+        by :func:`run_training`, whose recorded ``training.train_config`` is used.
+
+    Raises
+    ------
+    InputError : one line, when the file is missing, not JSON or not a training recipe.
+    """
+    file = Path(path) / "config.json" if Path(path).is_dir() else Path(path)
+    try:
+        fields = json.loads(file.read_text())
+    except FileNotFoundError:
+        raise InputError(f"recipe {path}: no such file") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InputError(f"recipe {file}: not JSON ({exc})") from None
+    if isinstance(fields, dict) and "kind" in fields:  # a model folder's config.json
+        fields = (fields.get("training") or {}).get("train_config")
+        if fields is None:
+            raise InputError(f"recipe {file}: the model records no training config")
+    if not isinstance(fields, dict):
+        raise InputError(f"recipe {file}: not a training config (a JSON object)")
+    try:
+        return TrainConfig(**fields)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"])
+        raise InputError(f"recipe {file}: {where}: {first['msg']}") from None
+
+
+INIT_RECIPE_FILE = "init_recipe.json"
+"""File of a fine-tuned model folder holding the recipe of the weights it started from."""
+
+_BENCHMARK_COLUMNS = (
+    ("cells_ap50", "cell AP@0.5"),
+    ("cells_map", "cell mAP"),
+    ("nuclei_ap50", "nucleus AP@0.5"),
+    ("iou_nucleus", "IoU nucleus"),
+    ("iou_cytoplasm", "IoU cytoplasm"),
+    ("seconds_per_volume", "s / volume"),
+)
+
+
+def model_card(
+    config: TrainConfig,
+    training: dict[str, Any],
+    metrics: dict[str, Any],
+    *,
+    init_recipe: TrainConfig | None = None,
+) -> str:
+    """A markdown model card: how to reproduce, architecture, data, training, metrics.
+
+    Parameters
+    ----------
+    config : the run's recipe.
+    training : the ``training`` record of the folder's ``config.json`` (``command``,
+        ``seconds``, ``steps_per_s``, ``world_size``, ``init_weights_sha256``).
+    metrics : the folder's ``metrics.json``: validation entries, and ``benchmark_<data>``
+        entries with ``benchmark_commands`` (``benchmarks/cells.py --record``).
+    init_recipe : the recipe of the weights a fine-tuning run started from.
+    """
+    command = str(training.get("command", "cellrna train cells"))
+    reproduce = [f"cellrna train cells --recipe THIS_FOLDER  # run as: {command}"]
+    if config.init_from is not None:
+        sha = str(training.get("init_weights_sha256", "?"))[:16]
+        start = f"fine-tuned from the model folder {config.init_from} (weights sha256 {sha}...)"
+        if init_recipe is not None:
+            reproduce = [
+                f"cellrna train cells --recipe THIS_FOLDER/{INIT_RECIPE_FILE} --out INIT"
+                f"  # the starting weights: {init_recipe.steps} steps"
+                + (" from scratch" if init_recipe.init_from is None else ""),
+                f"cellrna train cells --recipe THIS_FOLDER --init INIT  # run as: {command}",
+            ]
+    else:
+        start = "trained from scratch (no pretrained weights)"
+    m, d = config.model, config.data
     lines = [
         "# cellrna-cell-maskrcnn",
         "",
         "Mask R-CNN (torchvision) with a Panoptic-FPN-style semantic head "
-        "(background / nucleus / cytoplasm), trained from scratch (no pretrained weights) "
-        "on the project's synthetic generator.",
+        f"(background / nucleus / cytoplasm), {start}, on the project's synthetic generator.",
         "",
         "## Reproduce",
         "",
-        f"```\n{command}\n```",
+        "```",
+        *reproduce,
+        "```",
+        "",
+        "CPU training is not bit-reproducible across thread counts; expect metrics within noise.",
         "",
         "## Architecture",
         "",
-        f"ResNet-{cfg.model.backbone_depth} (stages 1-{cfg.model.backbone_stages}, {cfg.model.norm} norm), "
-        f"FPN {cfg.model.fpn_channels} channels, anchors {list(cfg.model.anchor_sizes_px)} px, "
-        f"input channels {list(cfg.model.input_channels)}, tiles {cfg.model.input_size_px} px, "
-        f"canonical nucleus diameter {cfg.model.canonical_nucleus_diameter_px} px.",
+        f"ResNet-{m.backbone_depth} (stages 1-{m.backbone_stages}, {m.norm} norm), "
+        f"FPN {m.fpn_channels} channels, anchors {list(m.anchor_sizes_px)} px, "
+        f"input channels {list(m.input_channels)} (z-context {m.z_context} slices per side), "
+        f"tiles {m.input_size_px} px, canonical nucleus diameter "
+        f"{m.canonical_nucleus_diameter_px} px.",
         "",
         "## Data",
         "",
-        f"Training: {cfg.data.n_volumes} synthetic volumes {list(cfg.data.shape_zyx)} (seed {cfg.data.seed}, "
+        f"Training: {d.n_volumes} synthetic volumes {list(d.shape_zyx)} (seed {d.seed}, "
         "randomized cell size 4.5-8 um, nucleus fraction 0.38-0.72, voxel size, stains, texture, "
-        "membranes, illumination), every slice with cells. Validation: "
-        f"{cfg.val_data.n_volumes} volumes of seed {cfg.val_data.seed} (unseen). {data_note}",
+        "membranes, illumination), every slice with cells; "
+        f"{d.n_nuclei_volumes} dense-nuclei volumes (nucleus stain only, touching "
+        f"nuclei, up to {d.nuclei_slices_per_volume} slices each). Validation: "
+        f"{config.val_data.n_volumes} volumes and {config.val_data.n_nuclei_volumes} "
+        f"dense-nuclei volumes of seed {config.val_data.seed} (unseen).",
         "",
         "## Training",
         "",
-        f"Seed {cfg.seed}, {result.steps} steps, batch {cfg.batch_size}, AdamW lr {cfg.learning_rate} "
-        f"(warm-up {cfg.warmup_steps}, cosine), weight decay {cfg.weight_decay}; "
-        f"{result.world_size} process(es), {result.seconds / 60:.1f} min, {result.steps_per_s:.2f} steps/s.",
+        f"Seed {config.seed}, {training.get('steps', config.steps)} steps, batch "
+        f"{config.batch_size}, AdamW lr {config.learning_rate} (warm-up {config.warmup_steps}, "
+        f"cosine), weight decay {config.weight_decay}; {training.get('world_size', 1)} "
+        f"process(es), {float(training.get('seconds', 0.0)) / 60:.1f} min, "
+        f"{float(training.get('steps_per_s', 0.0)):.2f} steps/s.",
         "",
-        "## Validation metrics (2D slices at canonical scale, both stains)",
+        "## Validation metrics (2D slices at canonical scale)",
         "",
-        *(f"- {k}: {v:.3f}" for k, v in result.metrics.items()),
-        "",
-        "Full 3D scores: see `metrics.json` and docs/benchmarks/cells.md.",
+        *(
+            f"- {k}: {v:.3f}"
+            for k, v in metrics.get("validation_2d_slices", metrics).items()
+            if k.startswith("val_") and isinstance(v, int | float)
+        ),
         "",
     ]
+    benchmarks = {
+        k[len("benchmark_") :]: v
+        for k, v in metrics.items()
+        if k.startswith("benchmark_") and isinstance(v, dict) and k != "benchmark_commands"
+    }
+    by_command: dict[str, list[str]] = {}
+    for name, cmd in metrics.get("benchmark_commands", {}).items():
+        by_command.setdefault(cmd, []).append(name)
+    if benchmarks:
+        lines += [
+            "## Benchmark (3D volumes, `benchmarks/cells.py`, docs/benchmarks/cells.md)",
+            "",
+            "| data | " + " | ".join(title for _, title in _BENCHMARK_COLUMNS) + " |",
+            "|---" * (len(_BENCHMARK_COLUMNS) + 1) + "|",
+            *(
+                f"| {name} | "
+                + " | ".join(
+                    (f"{row[key]:.2f}" if key.startswith("seconds") else f"{row[key]:.3f}")
+                    if key in row
+                    else "-"
+                    for key, _ in _BENCHMARK_COLUMNS
+                )
+                + " |"
+                for name, row in benchmarks.items()
+            ),
+            "",
+            *(f"- `{cmd}`: {', '.join(names)}" for cmd, names in by_command.items()),
+            "",
+        ]
     return "\n".join(lines)
+
+
+def write_model_card(folder: str | Path) -> Path:
+    """Write ``folder/model_card.md`` again from the folder's recorded ``config.json``,
+    ``metrics.json`` and (fine-tuned models) ``init_recipe.json``; returns its path."""
+    folder = Path(folder)
+    recorded = read_model_config(folder).get("training", {})
+    config = read_recipe(folder)
+    metrics_file = folder / "metrics.json"
+    metrics = json.loads(metrics_file.read_text()) if metrics_file.exists() else {}
+    init_file = folder / INIT_RECIPE_FILE
+    init_recipe = read_recipe(init_file) if init_file.exists() else None
+    path = folder / "model_card.md"
+    path.write_text(model_card(config, recorded, metrics, init_recipe=init_recipe))
+    return path
 
 
 def run_training(
@@ -752,22 +1078,30 @@ def run_training(
     """
     rank, world = _distributed()
     canonical = config.model.canonical_nucleus_diameter_px
+    context = config.model.z_context
     if world > 1 and cache_dir is not None:
         import torch.distributed as dist
 
         if rank == 0:
             load_or_make_samples(
-                config.data, canonical_px=canonical, cache_dir=cache_dir, progress=progress
+                config.data,
+                canonical_px=canonical,
+                z_context=context,
+                cache_dir=cache_dir,
+                progress=progress,
             )
         dist.barrier()
     train_samples = load_or_make_samples(
         config.data,
         canonical_px=canonical,
+        z_context=context,
         cache_dir=cache_dir,
         progress=progress if rank == 0 else None,
     )
     val_samples = (
-        load_or_make_samples(config.val_data, canonical_px=canonical, cache_dir=cache_dir)
+        load_or_make_samples(
+            config.val_data, canonical_px=canonical, z_context=context, cache_dir=cache_dir
+        )
         if rank == 0
         else []
     )
@@ -782,18 +1116,28 @@ def run_training(
     )
     if rank != 0:
         return result, None
+    training: dict[str, Any] = {
+        "train_config": json.loads(config.model_dump_json()),
+        "steps": result.steps,
+        "steps_per_s": round(result.steps_per_s, 3),
+        "seconds": round(result.seconds, 1),
+        "world_size": result.world_size,
+        "command": command,
+    }
+    files: dict[str, str] = {}
+    init_recipe = None
+    if config.init_from is not None:
+        training["init_weights_sha256"] = weights_sha256(config.init_from)
+        with contextlib.suppress(InputError):  # a folder that records no recipe
+            init_recipe = read_recipe(config.init_from)
+            files[INIT_RECIPE_FILE] = init_recipe.model_dump_json(indent=2) + "\n"
     folder = save_model_folder(
         result.model,
         out,
-        training={
-            "train_config": json.loads(config.model_dump_json()),
-            "steps_per_s": round(result.steps_per_s, 3),
-            "seconds": round(result.seconds, 1),
-            "world_size": result.world_size,
-            "command": command,
-        },
+        training=training,
         metrics=result.metrics,
-        model_card=model_card(result, command=command),
+        model_card=model_card(config, training, result.metrics, init_recipe=init_recipe),
+        files=files,
     )
     return result, folder
 
@@ -802,14 +1146,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     """``python -m cellrna_pipeline.core.segmentation.train`` (the ``torchrun`` target)."""
     parser = argparse.ArgumentParser(description="train the cell Mask R-CNN (DDP-aware)")
     parser.add_argument("--out", required=True, help="model folder to write")
-    parser.add_argument("--config", help="TrainConfig as JSON (file)")
+    parser.add_argument(
+        "--config", help="TrainConfig as JSON (file), or a model folder to train again"
+    )
     parser.add_argument("--steps", type=int)
     parser.add_argument("--cache", help="COCO dataset cache folder")
     args = parser.parse_args(argv)
-    fields: dict[str, Any] = json.loads(Path(args.config).read_text()) if args.config else {}
+    config = read_recipe(args.config) if args.config else TrainConfig()
     if args.steps is not None:
-        fields["steps"] = args.steps
-    config = TrainConfig(**fields)
+        config = TrainConfig(**{**config.model_dump(), "steps": args.steps})
 
     def say(msg: str) -> None:
         print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)

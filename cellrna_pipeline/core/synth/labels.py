@@ -13,7 +13,7 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from cellrna_pipeline.core.synth.population import Cell
-from cellrna_pipeline.core.synth.shapes import bounding_box, normalized_distance2
+from cellrna_pipeline.core.synth.shapes import Ellipsoid, bounding_box, normalized_distance2
 
 Box = tuple[slice, slice, slice]
 _CROSS = ndi.generate_binary_structure(3, 1)
@@ -49,10 +49,7 @@ def render_cells(
     voxel_um: tuple[float, float, float],
     shape_zyx: tuple[int, int, int],
 ) -> tuple[np.ndarray, list[Box | None], np.ndarray]:
-    """Cell instances of one frame.
-
-    A voxel inside several shapes goes to the smallest normalized distance ``d`` (a
-    weighted Voronoi split), so overlapping neighbours share a border.
+    """Cell instances of one frame (:func:`render_shapes` of the cells' outlines).
 
     Returns
     -------
@@ -61,17 +58,51 @@ def render_cells(
     own_voxels : ``(n,)`` voxels of each cell's own shape inside the volume, before the
         split with neighbours (for the visible fraction).
     """
+    return render_shapes(
+        [cell.shape for cell in cells],
+        [cell_centre_vox(cell, drift_um, voxel_um) for cell in cells],
+        [cell.growth for cell in cells],
+        voxel_um,
+        shape_zyx,
+    )
+
+
+def render_shapes(
+    shapes: Sequence[Ellipsoid],
+    centres_vox: Sequence[np.ndarray],
+    scales: Sequence[float],
+    voxel_um: tuple[float, float, float],
+    shape_zyx: tuple[int, int, int],
+) -> tuple[np.ndarray, list[Box | None], np.ndarray]:
+    """Instance labels of overlapping shapes that share borders where they overlap.
+
+    A voxel inside several shapes goes to the smallest normalized distance ``d`` (a
+    weighted Voronoi split), so overlapping neighbours touch along a common border; each
+    shape keeps only its largest 6-connected piece.
+
+    Parameters
+    ----------
+    shapes, centres_vox, scales : per object its outline, ``(z, y, x)`` centre in
+        (sub-)voxels and size factor.
+    voxel_um : voxel size ``(z, y, x)`` in micrometres.
+    shape_zyx : volume shape in voxels.
+
+    Returns
+    -------
+    labels : ``(z, y, x)`` uint32, ``i + 1`` for ``shapes[i]``, one connected piece each.
+    boxes : per shape, its clipped bounding box (``None`` when out of the volume).
+    own_voxels : ``(n,)`` voxels of each shape inside the volume before the split.
+    """
     best = np.full(shape_zyx, np.inf, dtype=np.float32)
     labels = np.zeros(shape_zyx, dtype=np.uint32)
     boxes: list[Box | None] = []
-    own = np.zeros(len(cells), dtype=np.int64)
-    for i, cell in enumerate(cells):
-        centre = cell_centre_vox(cell, drift_um, voxel_um)
-        box = bounding_box(cell.shape, centre, cell.growth, voxel_um, shape_zyx)
+    own = np.zeros(len(shapes), dtype=np.int64)
+    for i, (shape, centre, scale) in enumerate(zip(shapes, centres_vox, scales, strict=True)):
+        box = bounding_box(shape, centre, scale, voxel_um, shape_zyx)
         boxes.append(box)
         if box is None:
             continue
-        d2 = normalized_distance2(cell.shape, centre, cell.growth, voxel_um, box)
+        d2 = normalized_distance2(shape, centre, scale, voxel_um, box)
         inside = d2 <= 1.0
         own[i] = int(np.count_nonzero(inside))
         if own[i] == 0:

@@ -13,9 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from cellrna_pipeline.core.synth.config import SynthConfig
-from cellrna_pipeline.core.synth.shapes import Ellipsoid
+from cellrna_pipeline.core.synth.shapes import Ellipsoid, random_harmonics
 
-_N_HARMONICS = 4  # m = 2..5: low-order outline bumps
 _HALF_VOLUME_SCALE = 2.0 ** (-1.0 / 3.0)  # linear size of a half-volume daughter
 _CONTACT = 0.8  # cells push apart when centres are closer than this x (r_i + r_j)
 _MIN_AGE_TO_DIVIDE = 2  # frames
@@ -92,29 +91,26 @@ class Population:
         if like is not None:
             r = math.sqrt(like.shape.semi_axes_um[1] * like.shape.semi_axes_um[2])
             az = like.shape.semi_axes_um[0]
-        m = np.arange(2, 2 + _N_HARMONICS)
+        angle = float(rng.uniform(0.0, np.pi))
+        amp, phase = random_harmonics(rng, c.cell_irregularity)
         shape = Ellipsoid(
             semi_axes_um=(az, r * math.sqrt(elong), r / math.sqrt(elong)),
-            angle_rad=float(rng.uniform(0.0, np.pi)),
-            harmonic_amp=tuple(
-                float(v)
-                for v in c.cell_irregularity * rng.normal(size=_N_HARMONICS) / np.sqrt(m - 1)
-            ),
-            harmonic_phase=tuple(float(v) for v in rng.uniform(0.0, 2 * np.pi, _N_HARMONICS)),
+            angle_rad=angle,
+            harmonic_amp=amp,
+            harmonic_phase=phase,
             bottom_um=_COVERSLIP_DEPTH * az,
         )
         nf = c.nucleus_fraction
         nr = r * nf * rng.uniform(0.9, 1.05)
         n_elong = rng.uniform(1.0, 1.25)
         naz = az * nf * 0.9
+        angle = shape.angle_rad + float(rng.normal(0.0, 0.3))
+        amp, phase = random_harmonics(rng, 0.3 * c.cell_irregularity)
         nucleus = Ellipsoid(
             semi_axes_um=(naz, nr * math.sqrt(n_elong), nr / math.sqrt(n_elong)),
-            angle_rad=shape.angle_rad + float(rng.normal(0.0, 0.3)),
-            harmonic_amp=tuple(
-                float(v)
-                for v in 0.3 * c.cell_irregularity * rng.normal(size=_N_HARMONICS) / np.sqrt(m - 1)
-            ),
-            harmonic_phase=tuple(float(v) for v in rng.uniform(0.0, 2 * np.pi, _N_HARMONICS)),
+            angle_rad=angle,
+            harmonic_amp=amp,
+            harmonic_phase=phase,
         )
         # nucleus rests a little above the coverslip, off-centre laterally
         lateral = rng.normal(0.0, 0.08 * r, 2).clip(-0.15 * r, 0.15 * r)

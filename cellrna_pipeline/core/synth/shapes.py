@@ -18,6 +18,21 @@ import numpy as np
 _H_MIN, _H_MAX = -0.45, 0.6
 
 
+N_HARMONICS = 4  # m = 2..5: low-order outline bumps
+
+
+def random_harmonics(
+    rng: np.random.Generator, irregularity: float
+) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Random outline bumps for :class:`Ellipsoid`: ``(harmonic_amp, harmonic_phase)``,
+    amplitudes ``irregularity * N(0, 1) / sqrt(m - 1)`` for ``m = 2 .. N_HARMONICS + 1``
+    (drawn first), phases uniform in ``[0, 2 pi)``."""
+    m = np.arange(2, 2 + N_HARMONICS)
+    amp = irregularity * rng.normal(size=N_HARMONICS) / np.sqrt(m - 1)
+    phase = rng.uniform(0.0, 2 * np.pi, N_HARMONICS)
+    return tuple(float(v) for v in amp), tuple(float(v) for v in phase)
+
+
 @dataclass(frozen=True)
 class Ellipsoid:
     """An irregular ellipsoid in micrometres.

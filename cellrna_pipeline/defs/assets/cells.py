@@ -229,11 +229,14 @@ def check_cell_masks_nuclei_inside_cells(
 class CellModelTrainingConfig(Config):
     """Run config of ``cell_segmentation_model`` (defaults: the shipped champion's recipe)."""
 
-    steps: int = Field(default=1000, ge=1)
+    steps: int = Field(default=2400, ge=1)
     seed: int = 0
     n_volumes: int = Field(default=48, ge=1)
     val_volumes: int = Field(default=4, ge=1)
     shape_zyx: list[int] = Field(default_factory=lambda: [32, 256, 256])
+    n_nuclei_volumes: int = Field(default=48, ge=0)
+    val_nuclei_volumes: int = Field(default=4, ge=0)
+    init_from: str | None = None
 
 
 def _shape3(values: list[int]) -> tuple[int, int, int]:
@@ -247,6 +250,8 @@ class PromotionCheckConfig(Config):
 
     volumes: int = Field(default=2, ge=1)
     shape_zyx: list[int] = Field(default_factory=lambda: [32, 256, 256])
+    nuclei_volumes: int = Field(default=2, ge=0)
+    nuclei_max_shape_zyx: list[int] = Field(default_factory=lambda: [64, 256, 256])
 
 
 @asset(
@@ -270,13 +275,24 @@ def cell_segmentation_model(
     root = data_root.root
     registry = MlflowRegistry.for_data_root(root)
     shape = _shape3(config.shape_zyx)
+    default = TrainConfig()
     train_config = TrainConfig(
         steps=config.steps,
         seed=config.seed,
-        data=DatasetConfig(n_volumes=config.n_volumes, seed=config.seed, shape_zyx=shape),
-        val_data=DatasetConfig(
-            n_volumes=config.val_volumes, seed=TrainConfig().val_data.seed, shape_zyx=shape
+        data=DatasetConfig(
+            n_volumes=config.n_volumes,
+            seed=config.seed,
+            shape_zyx=shape,
+            n_nuclei_volumes=config.n_nuclei_volumes,
+            nuclei_slices_per_volume=default.data.nuclei_slices_per_volume,
         ),
+        val_data=DatasetConfig(
+            n_volumes=config.val_volumes,
+            seed=default.val_data.seed,
+            shape_zyx=shape,
+            n_nuclei_volumes=config.val_nuclei_volumes,
+        ),
+        init_from=config.init_from,
     )
     run_id = registry.start_run(
         "cellrna-cell-training",
@@ -321,6 +337,7 @@ def check_cell_segmentation_model_beats_champion(
     from cellrna_pipeline.core.segmentation.evaluate import (
         VALIDATION_SEED,
         compare_models,
+        dense_nuclei_volumes,
         synthetic_volumes,
     )
     from cellrna_pipeline.core.segmentation.model import load_model_folder
@@ -338,7 +355,12 @@ def check_cell_segmentation_model_beats_champion(
     volumes = synthetic_volumes(
         config.volumes, seed=VALIDATION_SEED, shape_zyx=_shape3(config.shape_zyx)
     )
-    comparison = compare_models(chal_model, champ_model, volumes)
+    nuclei = dense_nuclei_volumes(
+        config.nuclei_volumes,
+        seed=VALIDATION_SEED,
+        max_shape_zyx=_shape3(config.nuclei_max_shape_zyx),
+    )
+    comparison = compare_models(chal_model, champ_model, volumes, nuclei_volumes=nuclei)
     if comparison.challenger_wins:
         registry.promote(CELL_MODEL, challenger.version)
     return AssetCheckResult(
