@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Self
+from pathlib import Path
+from typing import Any, Self, TypeVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
@@ -50,3 +51,31 @@ class CheckedModel(StrictModel):
 
     def _check(self) -> None:
         """Range checks; raise :class:`InputError` naming the field. Default: none."""
+
+
+C = TypeVar("C", bound=BaseModel)
+
+
+def read_model_folder_config(folder: Path, config_cls: type[C], kind: str, what: str) -> C:
+    """The ``config.json`` of a model folder (one that also holds ``weights.pt``), parsed
+    as ``config_cls`` and checked to be of ``kind``; ``what`` names the model in errors.
+
+    Raises
+    ------
+    InputError
+        Files missing, a config that does not parse, or a model of another kind.
+    """
+    import json
+
+    if not (folder / "config.json").exists() or not (folder / "weights.pt").exists():
+        raise InputError(f"{folder}: not a {what} model folder (needs config.json and weights.pt)")
+    try:
+        config = config_cls(**json.loads((folder / "config.json").read_text()))
+    except Exception as exc:
+        raise InputError(
+            f"{folder}/config.json: not a {what} config ({exc.__class__.__name__})"
+        ) from None
+    found = getattr(config, "kind", None)
+    if found != kind:
+        raise InputError(f"{folder}: model kind {found!r}, expected {kind!r}")
+    return config

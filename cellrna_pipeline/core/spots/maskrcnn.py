@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import polars as pl
 
-from cellrna_pipeline.core.config import StrictModel
+from cellrna_pipeline.core.config import StrictModel, read_model_folder_config
 from cellrna_pipeline.core.errors import InputError
 from cellrna_pipeline.core.paths import shipped_models_dir
 from cellrna_pipeline.core.spots.config import DEFAULT_SPOT_RADIUS_NM, psf_sigma_vox
@@ -224,16 +224,7 @@ def load_spot_model(model_dir: str | Path, *, device: Any = None) -> SpotModel:
     from cellrna_pipeline.core.device import select_device
 
     folder = Path(model_dir)
-    if not (folder / "config.json").exists() or not (folder / "weights.pt").exists():
-        raise InputError(f"{folder}: not a spot model folder (needs config.json and weights.pt)")
-    try:
-        config = SpotMaskRCNNConfig(**json.loads((folder / "config.json").read_text()))
-    except Exception as exc:
-        raise InputError(
-            f"{folder}/config.json: not a spot Mask R-CNN config ({exc.__class__.__name__})"
-        ) from None
-    if config.kind != MODEL_KIND:
-        raise InputError(f"{folder}: model kind {config.kind!r}, expected {MODEL_KIND!r}")
+    config = read_model_folder_config(folder, SpotMaskRCNNConfig, MODEL_KIND, "spot Mask R-CNN")
     dev = device or select_device()
     net = build_spot_model(config)
     state = torch.load(folder / "weights.pt", map_location="cpu", weights_only=True)

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from cellrna_pipeline.core.config import StrictModel
+from cellrna_pipeline.core.config import StrictModel, read_model_folder_config
 from cellrna_pipeline.core.errors import InputError
 from cellrna_pipeline.core.paths import shipped_models_dir
 
@@ -225,18 +225,7 @@ def load_spot_embedder(model_dir: str | Path | None = None, *, device: Any = Non
     from cellrna_pipeline.core.device import select_device
 
     folder = Path(model_dir) if model_dir is not None else DEFAULT_EMBEDDING_DIR
-    if not (folder / "config.json").exists() or not (folder / "weights.pt").exists():
-        raise InputError(
-            f"{folder}: not a spot embedding model folder (needs config.json and weights.pt)"
-        )
-    try:
-        config = SpotEmbeddingConfig(**json.loads((folder / "config.json").read_text()))
-    except Exception as exc:
-        raise InputError(
-            f"{folder}/config.json: not a spot embedding config ({exc.__class__.__name__})"
-        ) from None
-    if config.kind != EMBEDDING_KIND:
-        raise InputError(f"{folder}: model kind {config.kind!r}, expected {EMBEDDING_KIND!r}")
+    config = read_model_folder_config(folder, SpotEmbeddingConfig, EMBEDDING_KIND, "spot embedding")
     metrics_path = folder / "metrics.json"
     metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
     dev = device or select_device()
