@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from contextlib import AbstractContextManager
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from dagster import ConfigurableResource
@@ -25,6 +26,13 @@ class DataRootResource(ConfigurableResource):
 
     def experiment(self, name: str) -> ExperimentRecord:
         return load_experiment(self.root, name)
+
+    def processed_volume(self, partition_key: str) -> tuple[str, int, Path]:
+        """``(experiment, timepoint, processed OME-Zarr path)`` of a volume partition."""
+        from cellrna_pipeline.defs.partitions import parse_volume_key
+
+        experiment, t = parse_volume_key(partition_key)
+        return experiment, t, self.root.processed(experiment)
 
 
 class DaskResource(ConfigurableResource):

@@ -151,8 +151,7 @@ def cell_masks(
 def _labels(
     context: AssetCheckExecutionContext, data_root: DataRootResource
 ) -> tuple[np.ndarray, np.ndarray]:
-    experiment, t = parse_volume_key(context.partition_key)
-    path = data_root.root.processed(experiment)
+    _, t, path = data_root.processed_volume(context.partition_key)
     return read_label_timepoint(path, "cells", t)[0], read_label_timepoint(path, "nuclei", t)[0]
 
 
@@ -183,8 +182,7 @@ def check_cell_masks_count_in_range(
 ) -> AssetCheckResult:
     from cellrna_pipeline.core.segmentation import estimate_diameter_px
 
-    experiment, t = parse_volume_key(context.partition_key)
-    path = data_root.root.processed(experiment)
+    _, t, path = data_root.processed_volume(context.partition_key)
     cells, nuclei = _labels(context, data_root)
     n_cells = int(len(np.unique(cells)) - 1)
     n_nuclei = int(len(np.unique(nuclei)) - 1)

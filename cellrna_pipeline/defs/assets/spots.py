@@ -26,7 +26,7 @@ from cellrna_pipeline.core.io import (
 )
 from cellrna_pipeline.core.spots import DEFAULT_SPOT_RADIUS_NM, SpotDetectionConfig
 from cellrna_pipeline.core.spots.volume import rna_channels, spots_for_volume
-from cellrna_pipeline.defs.partitions import parse_volume_key, volumes_partitions
+from cellrna_pipeline.defs.partitions import volumes_partitions
 from cellrna_pipeline.defs.resources import DataRootResource
 
 SPOTS_TABLE = "spots"
@@ -61,8 +61,7 @@ def spots_table_path(data_root: DataRootResource, experiment: str, t: int):
 def rna_spots(
     context: AssetExecutionContext, config: RnaSpotsConfig, data_root: DataRootResource
 ) -> MaterializeResult:
-    experiment, t = parse_volume_key(context.partition_key)
-    path = data_root.root.processed(experiment)
+    experiment, t, path = data_root.processed_volume(context.partition_key)
     start = time.perf_counter()
     meta = read_image_meta(path)
     names = rna_channels(meta.channel_names)
@@ -115,8 +114,7 @@ def check_rna_spots_density(
 ) -> AssetCheckResult:
     import polars as pl
 
-    experiment, t = parse_volume_key(context.partition_key)
-    path = data_root.root.processed(experiment)
+    experiment, t, path = data_root.processed_volume(context.partition_key)
     meta = read_image_meta(path)
     cells = read_label_timepoint(path, "cells", t)[0]
     n_cells = len(np.unique(cells[cells > 0]))
