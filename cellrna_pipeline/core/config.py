@@ -79,3 +79,35 @@ def read_model_folder_config(folder: Path, config_cls: type[C], kind: str, what:
     if found != kind:
         raise InputError(f"{folder}: model kind {found!r}, expected {kind!r}")
     return config
+
+
+def write_model_folder(
+    folder: str | Path,
+    state: dict[str, Any],
+    config: BaseModel,
+    *,
+    metrics: dict[str, Any],
+    training: dict[str, Any],
+    card: str,
+) -> Path:
+    """Write a model folder: ``weights.pt`` (the ``state`` dict as given), ``config.json``,
+    ``metrics.json``, ``training.json`` and ``model_card.md``, through a temporary sibling
+    renamed into place; an existing folder is replaced. Returns the folder."""
+    import json
+    import shutil
+
+    import torch
+
+    from cellrna_pipeline.core.io import atomic_dir
+
+    final = Path(folder)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    if final.exists():
+        shutil.rmtree(final)
+    with atomic_dir(final) as tmp:
+        torch.save(state, tmp / "weights.pt")
+        (tmp / "config.json").write_text(json.dumps(config.model_dump(), indent=2) + "\n")
+        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        (tmp / "training.json").write_text(json.dumps(training, indent=2) + "\n")
+        (tmp / "model_card.md").write_text(card)
+    return final

@@ -17,7 +17,6 @@ Public API: :class:`SpotMaskRCNNConfig` (the builder config, saved as ``config.j
 
 from __future__ import annotations
 
-import json
 import math
 import tempfile
 import time
@@ -29,7 +28,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import polars as pl
 
-from cellrna_pipeline.core.config import StrictModel, read_model_folder_config
+from cellrna_pipeline.core.config import (
+    StrictModel,
+    read_model_folder_config,
+    write_model_folder,
+)
 from cellrna_pipeline.core.errors import InputError
 from cellrna_pipeline.core.paths import shipped_models_dir
 from cellrna_pipeline.core.spots.config import DEFAULT_SPOT_RADIUS_NM, psf_sigma_vox
@@ -195,26 +198,12 @@ def save_spot_model(
 ) -> Path:
     """Write ``config.json``, ``weights.pt`` (float16 state_dict), ``metrics.json``,
     ``model_card.md`` into ``folder`` (atomically: a temporary sibling renamed)."""
-    import torch
-
-    from cellrna_pipeline.core.io import atomic_dir
-
-    final = Path(folder)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    if final.exists():
-        import shutil
-
-        shutil.rmtree(final)
-    with atomic_dir(final) as tmp:
-        state = {
-            k: (v.half() if v.is_floating_point() else v) for k, v in model.net.state_dict().items()
-        }
-        torch.save(state, tmp / "weights.pt")
-        (tmp / "config.json").write_text(json.dumps(model.config.model_dump(), indent=2) + "\n")
-        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-        (tmp / "training.json").write_text(json.dumps(training, indent=2) + "\n")
-        (tmp / "model_card.md").write_text(card)
-    return final
+    state = {
+        k: (v.half() if v.is_floating_point() else v) for k, v in model.net.state_dict().items()
+    }
+    return write_model_folder(
+        folder, state, model.config, metrics=metrics, training=training, card=card
+    )
 
 
 def load_spot_model(model_dir: str | Path, *, device: Any = None) -> SpotModel:

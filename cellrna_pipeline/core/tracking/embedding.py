@@ -27,7 +27,11 @@ from typing import Any
 
 import numpy as np
 
-from cellrna_pipeline.core.config import StrictModel, read_model_folder_config
+from cellrna_pipeline.core.config import (
+    StrictModel,
+    read_model_folder_config,
+    write_model_folder,
+)
 from cellrna_pipeline.core.errors import InputError
 from cellrna_pipeline.core.paths import shipped_models_dir
 
@@ -193,23 +197,9 @@ def save_spot_embedder(
     """Write ``config.json``, ``weights.pt`` (float32 ``state_dict``), ``metrics.json``,
     ``training.json`` and ``model_card.md`` into ``folder`` (a temporary sibling renamed
     into place; an existing folder is replaced)."""
-    import shutil
-
-    import torch
-
-    from cellrna_pipeline.core.io import atomic_dir
-
-    final = Path(folder)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    if final.exists():
-        shutil.rmtree(final)
-    with atomic_dir(final) as tmp:
-        torch.save(net.state_dict(), tmp / "weights.pt")
-        (tmp / "config.json").write_text(json.dumps(config.model_dump(), indent=2) + "\n")
-        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-        (tmp / "training.json").write_text(json.dumps(training, indent=2) + "\n")
-        (tmp / "model_card.md").write_text(card)
-    return final
+    return write_model_folder(
+        folder, net.state_dict(), config, metrics=metrics, training=training, card=card
+    )
 
 
 def load_spot_embedder(model_dir: str | Path | None = None, *, device: Any = None) -> SpotEmbedder:
