@@ -224,6 +224,20 @@ def run_laptrack(
     return laptrack_to_result(tdf, sdf, diameter), seconds
 
 
+def _track_spans(det: pl.DataFrame) -> pl.DataFrame:
+    """Per ``track_id`` of detections ``(t, label, track_id)``: first and last frame and
+    the number of detections, sorted by track."""
+    return (
+        det.group_by("track_id")
+        .agg(
+            pl.col("t").min().alias("begin_t"),
+            pl.col("t").max().alias("end_t"),
+            pl.len().alias("n_detections"),
+        )
+        .sort("track_id")
+    )
+
+
 def laptrack_to_result(tdf, sdf, gate: float) -> TrackingResult:
     tdf = tdf.reset_index(drop=True)
     det = pl.DataFrame(
@@ -235,15 +249,7 @@ def laptrack_to_result(tdf, sdf, gate: float) -> TrackingResult:
             "track_id": (tdf["track_id"].to_numpy() + 1).astype(np.uint32),
         }
     )
-    spans = (
-        det.group_by("track_id")
-        .agg(
-            pl.col("t").min().alias("begin_t"),
-            pl.col("t").max().alias("end_t"),
-            pl.len().alias("n_detections"),
-        )
-        .sort("track_id")
-    )
+    spans = _track_spans(det)
     parent = (
         {
             int(c) + 1: int(p) + 1
@@ -637,15 +643,7 @@ def result_from_tracks(tracks: pl.DataFrame) -> TrackingResult:
         pl.col("spot_id").cast(pl.UInt32).alias("label"),
         pl.col("track_id").cast(pl.UInt32),
     )
-    spans = (
-        det.group_by("track_id")
-        .agg(
-            pl.col("t").min().alias("begin_t"),
-            pl.col("t").max().alias("end_t"),
-            pl.len().alias("n_detections"),
-        )
-        .sort("track_id")
-    )
+    spans = _track_spans(det)
     lineage = spans.select(
         "track_id",
         "begin_t",
