@@ -63,9 +63,10 @@ def resolve_diameter_px(
     if config.nucleus_diameter_um is not None and voxel_size is not None:
         d = config.nucleus_diameter_um / ((voxel_size.y_um + voxel_size.x_um) / 2)
         return float(d if nucleus is not None else d * CELL_TO_NUCLEUS_DIAMETER), "voxel_size"
-    ref = nucleus if nucleus is not None else cytoplasm
-    assert ref is not None
-    return estimate_diameter_px(ref), "estimated"
+    if nucleus is not None:
+        return estimate_diameter_px(nucleus), "estimated"
+    assert cytoplasm is not None
+    return estimate_diameter_px(cytoplasm, search_scale=False), "estimated"
 
 
 def segment_cells(
