@@ -118,6 +118,7 @@ def anisotropy_of(voxel_size: VoxelSize | None) -> float:
 _SIZE_SMOOTHING_LADDER_PX = (1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 _MIN_DIAMETER_PER_SIGMA = 4.0
 _MIN_MEASURED_DIAMETER_PX = 6.0  # objects are >= 2 px in radius: blobs of 4-5 px are noise
+_OBJECT_ELASTICITY = 0.5  # noise blobs grow like the smoothing (d log d / d log s ~ 1)
 
 
 def estimate_diameter_px(
@@ -135,11 +136,12 @@ def estimate_diameter_px(
 
     Noise makes blobs whose size grows with ``s`` (``d ~ s``), clumps of touching objects
     merge as ``s`` grows, objects themselves keep their size: the measure is taken over a
-    ladder of scales and the answer is where it changes least with ``s`` (smallest
-    ``|d log d / d log s|`` between neighbouring scales, among scales at least
-    4 ``s`` and 6 px below the measure). At high SNR this is the 1-px measure; at low SNR
+    ladder of scales ``s`` and the answer is the finest scale past the noise, where the
+    measure grows at most half as fast as ``s`` (``|d log d / d log s| <= 0.5`` to the
+    next scale; only scales at least 4 ``s`` and 6 px below the measure count; if none,
+    the scale where the measure changes least). At high SNR this is the 1-px measure; at low SNR
     (nucleus photons ~ 3 x the noise) it is not fooled by noise blobs. On 24 dense-nuclei
-    volumes of the training distribution (development seeds) the median error is 8 %
+    volumes of the training distribution (development seeds) the median error is 15 %
     (1-px measure alone: 16 %) and none is off by more than 1.5x (alone: 3, by 3-4x).
 
     Parameters
@@ -166,6 +168,8 @@ def estimate_diameter_px(
         if not (found[k] and found[k + 1]) or d[k] < floor:
             continue
         elasticity = abs(np.log(d[k + 1] / d[k]) / np.log(ladder[k + 1] / ladder[k]))
+        if elasticity <= _OBJECT_ELASTICITY:
+            return float(d[k])  # the finest scale past the noise: clumps merge further up
         if elasticity < flattest:
             best, flattest = float(d[k]), elasticity
     return best
