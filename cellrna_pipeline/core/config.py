@@ -94,17 +94,13 @@ def write_model_folder(
     ``metrics.json``, ``training.json`` and ``model_card.md``, through a temporary sibling
     renamed into place; an existing folder is replaced. Returns the folder."""
     import json
-    import shutil
 
     import torch
 
     from cellrna_pipeline.core.io import atomic_dir
 
     final = Path(folder)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    if final.exists():
-        shutil.rmtree(final)
-    with atomic_dir(final) as tmp:
+    with atomic_dir(final, replace=True) as tmp:
         torch.save(state, tmp / "weights.pt")
         (tmp / "config.json").write_text(json.dumps(config.model_dump(), indent=2) + "\n")
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")

@@ -427,6 +427,23 @@ def test_atomic_dir_renames_on_success_and_cleans_on_failure(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
+def test_atomic_dir_replace_keeps_the_old_directory_until_the_new_one_is_complete(tmp_path):
+    from cellrna_pipeline.core.io import atomic_dir
+
+    final = tmp_path / "model"
+    final.mkdir()
+    (final / "weights").write_text("old")
+    with pytest.raises(RuntimeError), atomic_dir(final, replace=True) as tmp:
+        (tmp / "weights").write_text("half")
+        raise RuntimeError("killed while writing")
+    assert (final / "weights").read_text() == "old"
+    with atomic_dir(final, replace=True) as tmp:
+        (tmp / "weights").write_text("new")
+        assert (final / "weights").read_text() == "old"
+    assert (final / "weights").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
 def test_atomic_file_writes(tmp_path):
     from cellrna_pipeline.core.io import atomic_path, atomic_write_bytes, atomic_write_text
 

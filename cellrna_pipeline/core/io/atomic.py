@@ -107,7 +107,9 @@ def atomic_path(final_path: str | os.PathLike[str]) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def atomic_dir(final_path: str | os.PathLike[str], *, exist_ok: bool = False) -> Iterator[Path]:
+def atomic_dir(
+    final_path: str | os.PathLike[str], *, exist_ok: bool = False, replace: bool = False
+) -> Iterator[Path]:
     """Yield a new empty temporary directory; rename it to ``final_path`` on success.
 
     Parameters
@@ -118,6 +120,10 @@ def atomic_dir(final_path: str | os.PathLike[str], *, exist_ok: bool = False) ->
         (e.g. a concurrent process created it first). ``True``: discard our temporary
         directory silently and keep theirs. ``False``: discard ours and raise
         ``FileExistsError``.
+    replace : replace an existing ``final_path`` instead (``exist_ok`` is then unused):
+        the old directory is renamed aside, ours renamed in, and the old one deleted, so
+        a crash at any point leaves a complete directory, at ``final_path`` or (between
+        the two renames) at ``<parent>/.tmp-<name>-<uuid>``.
 
     Notes
     -----
@@ -134,6 +140,12 @@ def atomic_dir(final_path: str | os.PathLike[str], *, exist_ok: bool = False) ->
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    if replace and final.exists():
+        aside = temporary_sibling(final)
+        os.rename(final, aside)
+        os.rename(tmp, final)
+        shutil.rmtree(aside, ignore_errors=True)
+        return
     try:
         if final.exists():
             # Checked first because rename(2) would silently replace an empty directory.

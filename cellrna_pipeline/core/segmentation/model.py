@@ -393,12 +393,7 @@ def save_model_folder(
     state = model.state_dict()
     if half:
         state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
-    if folder.exists():
-        import shutil
-
-        shutil.rmtree(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_dir(folder) as tmp:
+    with atomic_dir(folder, replace=True) as tmp:
         config = {
             "kind": MODEL_KIND,
             "format_version": 1,
