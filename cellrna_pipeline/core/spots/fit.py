@@ -51,6 +51,9 @@ _WINDOW_BATCH = 16384  # spots whose windows are looked up (and read) together  
 _GATHER_TILE = (32, 128, 2048)  # lazy slice-only arrays are read one such box at a time
 
 
+_NONE = (np.zeros((0, 3)), np.zeros(0), np.zeros(0), np.zeros(0))  # no spots to add
+
+
 @dataclass(frozen=True)
 class FitSettings:
     """Parameters of :func:`fit_spots` (see the module docstring).
@@ -253,6 +256,43 @@ class _Model:
         np.add.at(self.model, self.slot.ravel(), spots.ravel())  # 1-D: numpy's fast path
         rows = np.empty(len(order), dtype=np.int64)
         rows[order] = np.arange(len(order))
+        return rows
+
+    def replace(
+        self,
+        keep: np.ndarray,
+        zyx: np.ndarray,
+        amp: np.ndarray,
+        bg: np.ndarray,
+        floor: np.ndarray,
+    ) -> np.ndarray:
+        """Keep the spots where ``keep`` (bool ``(n,)``) and add new ones (``zyx`` ``(m,
+        3)`` etc., as in :meth:`set`); the model changes only under the windows of the
+        spots dropped and added. Returns the row of each kept spot, then of each new one
+        (spots stay in position order)."""
+        gone = np.flatnonzero(~keep)
+        if len(gone):
+            old = self.amp[gone, None] * self.gauss(gone) * self.weight[gone]
+            np.subtract.at(self.model, self.slot[gone].ravel(), old.ravel())
+        centres = np.rint(zyx).astype(np.int64)
+        slot, weight = self._windows(centres)
+        self._grow_model()
+        self._touched.append(slot.ravel())
+        all_zyx = np.concatenate([self.zyx[keep], np.asarray(zyx, dtype=np.float64)])
+        order = np.lexsort((all_zyx[:, 2], all_zyx[:, 1], all_zyx[:, 0]))
+        self.zyx = all_zyx[order]
+        self.amp = np.concatenate([self.amp[keep], amp])[order]
+        self.bg = np.concatenate([self.bg[keep], bg])[order]
+        self.floor = np.concatenate([self.floor[keep], floor])[order]
+        self.centres = np.concatenate([self.centres[keep], centres])[order]
+        self.slot = np.concatenate([self.slot[keep], slot])[order]
+        self.weight = np.concatenate([self.weight[keep], weight])[order]
+        rows = np.empty(len(order), dtype=np.int64)
+        rows[order] = np.arange(len(order))
+        added = rows[len(order) - len(zyx) :]
+        if len(added):
+            spots = self.amp[added, None] * self.gauss(added) * self.weight[added]
+            np.add.at(self.model, self.slot[added].ravel(), spots.ravel())
         return rows
 
     def _windows(self, centres: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -589,11 +629,12 @@ def fit_spots(
         keep = np.ones(len(model.zyx), dtype=bool)
         keep[split] = False
         n_keep = int(keep.sum())
-        rows = model.set(
-            np.concatenate([model.zyx[keep], p1[accept], p2[accept]]),
-            np.concatenate([model.amp[keep], a1[accept], a2[accept]]),
-            np.concatenate([model.bg[keep], model.bg[split], model.bg[split]]),
-            np.concatenate([model.floor[keep], model.floor[split], model.floor[split]]),
+        rows = model.replace(
+            keep,
+            np.concatenate([p1[accept], p2[accept]]),
+            np.concatenate([a1[accept], a2[accept]]),
+            np.concatenate([model.bg[split], model.bg[split]]),
+            np.concatenate([model.floor[split], model.floor[split]]),
         )
         test = rows[n_keep:]
         model.refine(model.neighbours(test), cfg.refine_sweeps)
@@ -608,13 +649,13 @@ def fit_spots(
         keep = np.ones(len(model.zyx), dtype=bool)
         keep[drop] = False
         n_pruned += len(drop)
-        rows = model.set(model.zyx[keep], model.amp[keep], model.bg[keep], model.floor[keep])
+        rows = model.replace(keep, *_NONE)
         kept = np.cumsum(keep) - 1  # index among the kept spots
         model.refine(rows[kept[touched[keep[touched]]]], 1)
     keep = model.amp >= model.floor
     if not keep.all():
         n_pruned += int((~keep).sum())
-        model.set(model.zyx[keep], model.amp[keep], model.bg[keep], model.floor[keep])
+        model.replace(keep, *_NONE)
     return SpotFit(model.zyx, model.amp, model.floor, n_split, n_pruned, noise_var, gain)
 
 
