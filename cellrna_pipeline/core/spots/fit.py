@@ -374,21 +374,22 @@ class _Model:
         i, j = pairs[:, 0], pairs[:, 1]
         low = np.where(key[i] < key[j], i, j)  # of each pair, the one that waits
         high = np.where(key[i] < key[j], j, i)
-        src = np.concatenate([i, j])  # both directions, for the colours in use
-        dst = np.concatenate([j, i])
-        degree = np.bincount(src, minlength=len(rows))
+        degree = np.bincount(pairs.ravel(), minlength=len(rows))
         used = np.zeros((len(rows), int(degree.max()) + 1), dtype=bool)
         colour = np.full(len(rows), -1)
         open_ = np.ones(len(rows), dtype=bool)
         while open_.any():
             blocked = np.zeros(len(rows), dtype=bool)
-            blocked[low[open_[low] & open_[high]]] = True
+            blocked[low] = True  # (only pairs of two open spots are left)
             chosen = open_ & ~blocked
             # each takes the smallest colour none of its coloured neighbours has
             colour[chosen] = np.argmin(used[chosen], axis=1)
             open_ &= ~chosen
-            tell = chosen[src]
-            used[dst[tell], colour[src[tell]]] = True
+            # the colours in use, told to the open neighbours of the spots just coloured
+            tell = chosen[high]
+            used[low[tell], colour[high[tell]]] = True
+            left = ~tell
+            low, high = low[left], high[left]
         order = np.argsort(colour, kind="stable")
         cuts = np.flatnonzero(np.diff(colour[order])) + 1
         classes = np.split(rows[order], cuts)
