@@ -213,6 +213,8 @@ class _Model:
         self.pool = _Pool(vol, tuple(int(s) for s in vol.shape))
         self.sigma = np.asarray(sigma_vox, dtype=np.float64)
         self.inv2 = np.where(self.sigma > 0, 1.0 / np.maximum(self.sigma, _EPS) ** 2, 0.0)
+        # axes without extent (z of a 2-D image): the Gaussian does not depend on p_a
+        self.flat_axis = [bool(s <= 0) for s in sigma_vox]
         self.reach = np.array(
             [0 if s <= 0 else max(1, round(_WINDOW_SIGMAS * s)) for s in sigma_vox]
         )
@@ -413,7 +415,10 @@ class _Model:
             np.multiply(g, wt, out=jac[:, 0])
             jac[:, 1] = wt
             for ax in range(3):
-                np.multiply(gs.derivative(ax, scale), wt, out=jac[:, 2 + ax])
+                if self.flat_axis[ax]:
+                    jac[:, 2 + ax] = 0.0
+                else:
+                    np.multiply(gs.derivative(ax, scale), wt, out=jac[:, 2 + ax])
             step = _damped_step(jac, resid, _DAMPING)
             self.amp[cls] = np.maximum(a + step[:, 0], 0.0)
             self.bg[cls] = b + step[:, 1]
@@ -533,7 +538,10 @@ def _lm_fit(
         for s, g in enumerate(gs):
             np.multiply(g.flat(), w, out=jac[:, 4 * s])
             for ax in range(3):
-                np.multiply(g.derivative(ax, p[:, 4 * s]), w, out=jac[:, 4 * s + 1 + ax])
+                if model.flat_axis[ax]:
+                    jac[:, 4 * s + 1 + ax] = 0.0
+                else:
+                    np.multiply(g.derivative(ax, p[:, 4 * s]), w, out=jac[:, 4 * s + 1 + ax])
         jac[:, -1] = w
         trial = p + np.clip(_damped_step(jac, resid, lam[i]), -lim, lim)
         t_resid, t_gs = evaluate(trial, i)
