@@ -515,12 +515,15 @@ def _lm_fit(
     data = data.astype(np.float32)
     wt = wt.astype(np.float32)
 
-    def evaluate(p: np.ndarray, i: np.ndarray) -> tuple[np.ndarray, list[_Gauss]]:
-        gs = [_Gauss(model, p[:, 4 * s + 1 : 4 * s + 4], centres[i]) for s in range(m)]
+    def evaluate(p: np.ndarray, i: np.ndarray) -> tuple[np.ndarray, _Gauss]:
+        # the m spots of the windows as rows of one batch (window-major)
+        zyx = p[:, :-1].reshape(len(i), m, 4)[:, :, 1:].reshape(-1, 3)
+        gs = _Gauss(model, zyx, np.repeat(centres[i], m, axis=0))
         q = p.astype(np.float32)
+        g = gs.flat().reshape(len(i), m, model.k)
         r = data[i] - q[:, -1, None]
-        for s, g in enumerate(gs):
-            r -= q[:, 4 * s, None] * g.flat()
+        for s in range(m):
+            r -= q[:, 4 * s, None] * g[:, s]
         return r * wt[i], gs
 
     rows = np.arange(len(params))
@@ -532,16 +535,19 @@ def _lm_fit(
         if not len(active):
             break
         i = active
-        w = wt[i]
+        w = wt[i][:, None]
         p = params[i]
+        amp = p[:, :-1].reshape(len(i), m, 4)[:, :, 0].reshape(-1)
         jac = np.empty((len(i), 4 * m + 1, model.k), dtype=np.float32)
-        for s, g in enumerate(gs):
-            np.multiply(g.flat(), w, out=jac[:, 4 * s])
-            for ax in range(3):
-                if model.flat_axis[ax]:
-                    jac[:, 4 * s + 1 + ax] = 0.0
-                else:
-                    np.multiply(g.derivative(ax, p[:, 4 * s]), w, out=jac[:, 4 * s + 1 + ax])
+        per_spot = jac[:, :-1].reshape(len(i), m, 4, model.k, copy=False)  # [a, p_z, p_y, p_x]
+        np.multiply(gs.flat().reshape(len(i), m, model.k), w, out=per_spot[:, :, 0])
+        for ax in range(3):
+            if model.flat_axis[ax]:
+                per_spot[:, :, 1 + ax] = 0.0
+            else:
+                d = gs.derivative(ax, amp).reshape(len(i), m, model.k)
+                np.multiply(d, w, out=per_spot[:, :, 1 + ax])
+        w = w[:, 0]
         jac[:, -1] = w
         trial = p + np.clip(_damped_step(jac, resid, lam[i]), -lim, lim)
         t_resid, t_gs = evaluate(trial, i)
@@ -553,12 +559,12 @@ def _lm_fit(
         lam[i] = np.where(ok, lam[i] * 0.3, lam[i] * 10.0)
         # Gaussians and residuals of the current parameters, for the next step
         resid = np.where(ok[:, None], t_resid, resid)
-        gs = [_merge(g, t, ok) for g, t in zip(gs, t_gs, strict=True)]
+        gs = _merge(gs, t_gs, np.repeat(ok, m))
         go = ~(ok & (gain < _LM_TOLERANCE)) & (lam[i] < 1e6)
         if hopeless is not None and it + 1 >= _LM_HOPELESS_AFTER:
             go &= hopeless[0][i] - cost[i] >= 0.25 * hopeless[1]
         active = i[go]
-        resid, gs = resid[go], [_take(g, go) for g in gs]
+        resid, gs = resid[go], _take(gs, np.repeat(go, m))
     return params, cost
 
 
