@@ -231,13 +231,13 @@ class _Model:
         self.grid = tuple(len(o) for o in self.offsets)
         self.k = int(np.prod(self.grid))
         self.model = np.zeros(0)  # the summed model of all spots, per pool slot
-        self._touched: list[np.ndarray] = []  # slots where the model may be non-zero
 
     # --- state -----------------------------------------------------------------
     def set(
         self, zyx: np.ndarray, amp: np.ndarray, bg: np.ndarray, floor: np.ndarray
     ) -> np.ndarray:
-        """Replace the spots (stored in position order); returns each input's row.
+        """Set all spots (stored in position order) and build the summed model from
+        scratch (:meth:`replace` changes some); returns each input's row.
 
         ``floor``: the smallest fitted amplitude each spot may keep (its threshold).
         """
@@ -247,13 +247,8 @@ class _Model:
         self.bg = np.array(bg[order], dtype=np.float64)
         self.floor = np.array(floor[order], dtype=np.float64)
         self.centres = np.rint(self.zyx).astype(np.int64)
-        # the model is 0 except under windows: clear the voxels windows have covered
-        # (cheaper than a new image-sized array at every call)
-        for slots in self._touched:
-            self.model[slots] = 0.0
         self.slot, self.weight = self._windows(self.centres)
-        self._grow_model()
-        self._touched = [self.slot.ravel()]
+        self.model = np.zeros(len(self.pool.vals))
         spots = self.amp[:, None] * self.gauss(np.arange(len(self.zyx))) * self.weight
         np.add.at(self.model, self.slot.ravel(), spots.ravel())  # 1-D: numpy's fast path
         rows = np.empty(len(order), dtype=np.int64)
@@ -279,7 +274,6 @@ class _Model:
         centres = np.rint(zyx).astype(np.int64)
         slot, weight = self._windows(centres)
         self._grow_model()
-        self._touched.append(slot.ravel())
         all_zyx = np.concatenate([self.zyx[keep], np.asarray(zyx, dtype=np.float64)])
         order = np.lexsort((all_zyx[:, 2], all_zyx[:, 1], all_zyx[:, 0]))
         self.zyx = all_zyx[order]
@@ -329,9 +323,7 @@ class _Model:
         if not len(moved):
             return
         old = self.amp[moved, None] * self.gauss(moved) * self.weight[moved]
-        left = self.slot[moved].ravel()
-        np.subtract.at(self.model, left, old.ravel())
-        self._touched.append(left)
+        np.subtract.at(self.model, self.slot[moved].ravel(), old.ravel())
         self.centres[moved] = centres[moved]
         self.slot[moved], self.weight[moved] = self._windows(centres[moved])
         self._grow_model()
