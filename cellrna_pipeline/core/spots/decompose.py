@@ -57,18 +57,39 @@ class Blobs:
     _origin: np.ndarray  # (nb, 3) global voxel of each window's [0, 0, 0]
     _shape: tuple[int, int, int]
 
-    def region_flat(self, b: int) -> np.ndarray:
-        """Flat global indices of the voxels of cluster ``b`` (its mass region)."""
-        local = np.argwhere(self._mass[b])
-        zyx = local + self._origin[b]
+    def regions_flat(self, blobs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Flat global indices of the voxels of the clusters ``blobs`` (their mass
+        regions), and for each voxel its position in ``blobs`` (ascending)."""
+        local = np.argwhere(self._mass[blobs])
+        zyx = local[:, 1:] + self._origin[blobs[local[:, 0]]]
         inside = np.all((zyx >= 0) & (zyx < np.asarray(self._shape)), axis=1)
-        return np.ravel_multi_index(tuple(zyx[inside].T), self._shape)
+        return np.ravel_multi_index(tuple(zyx[inside].T), self._shape), local[inside, 0]
 
 
 def _grid(sigma: np.ndarray, radius_sigmas: float, extra: int) -> np.ndarray:
     return np.array(
         [0 if s == 0 else max(2, int(np.ceil(radius_sigmas * s)) + extra) for s in sigma]
     )
+
+
+def _margin(sigma: np.ndarray) -> np.ndarray:
+    """Voxels read beyond a window for the smoothing."""
+    return np.array([0 if s == 0 else int(np.ceil(_MARGIN_SIGMAS * s)) for s in sigma])
+
+
+def _reach(sigma: np.ndarray) -> np.ndarray:
+    """Half-size of a blob's window with its margin, per axis (voxels)."""
+    return _grid(sigma, _HALF_SIGMAS, 1) + _margin(sigma)
+
+
+def _row_nanmedian(x: np.ndarray) -> np.ndarray:
+    """``np.nanmedian(x, axis=1)`` of a 2-D array (the same values; a sort per row,
+    much faster than numpy's masked-array path when rows hold NaNs)."""
+    s = np.sort(x, axis=1)  # NaNs last
+    count = (~np.isnan(x)).sum(axis=1)
+    r = np.arange(len(x))
+    mid = (s[r, np.maximum(count - 1, 0) // 2] + s[r, count // 2]) / x.dtype.type(2)
+    return np.where(count > 0, mid, np.nan)
 
 
 def _reflect(i: np.ndarray, n: int) -> np.ndarray:
@@ -146,8 +167,14 @@ def decompose_blobs(
     args = (sigma_vox, reference_amplitude, reference_extent, extent_ratio)
     # batches of neighbouring blobs (a lazy volume is read where they are), in position order
     order = np.lexsort(peaks.T[::-1])
+    windows = None
+    if type(vol) is np.ndarray and vol.size <= _PAD_VOXELS:
+        # in memory: windows of the volume mirrored once at its faces (as _reflect does)
+        reach = _reach(np.asarray(sigma_vox, dtype=np.float64))
+        padded = np.pad(vol, [(int(r), int(r)) for r in reach], mode="symmetric")
+        windows = np.lib.stride_tricks.sliding_window_view(padded, tuple(2 * reach + 1))
     parts = [
-        _decompose_batch(vol, peaks[order[i : i + _BATCH_BLOBS]], *args)
+        _decompose_batch(vol, peaks[order[i : i + _BATCH_BLOBS]], *args, windows=windows)
         for i in range(0, max(len(peaks), 1), _BATCH_BLOBS)
     ]
     first = np.cumsum([0] + [len(p.extent) for p in parts[:-1]])
@@ -172,13 +199,15 @@ def _decompose_batch(
     reference_amplitude: float,
     reference_extent: float,
     extent_ratio: float,
+    windows: np.ndarray | None = None,
 ) -> Blobs:
-    """:func:`decompose_blobs` for one batch of blobs (their windows stacked)."""
+    """:func:`decompose_blobs` for one batch of blobs (their windows stacked);
+    ``windows``: the sliding windows of the mirrored volume when it is in memory."""
     shape: tuple[int, int, int] = tuple(int(s) for s in vol.shape)  # type: ignore[assignment]
     sigma = np.asarray(sigma_vox, dtype=np.float64)
     nb = len(peaks)
     half = _grid(sigma, _HALF_SIGMAS, 1)
-    margin = np.array([0 if s == 0 else int(np.ceil(_MARGIN_SIGMAS * s)) for s in sigma])
+    margin = _margin(sigma)
     reach = half + margin
     size = tuple(int(v) for v in 2 * reach + 1)
     # windows (with margin) read point-wise, reflected at the volume's faces
@@ -190,21 +219,25 @@ def _decompose_batch(
         sh[a + 1] = size[a]
         inside = inside & ((v >= 0) & (v < shape[a])).reshape(sh)
         idx.append(np.broadcast_to(_reflect(v, shape[a]).reshape(sh), (nb, *size)))
-    if type(vol) is np.ndarray and vol.size <= _PAD_VOXELS:
-        # in memory: windows of the volume mirrored once at its faces (as _reflect does)
-        padded = np.pad(vol, [(int(r), int(r)) for r in reach], mode="symmetric")
-        windows = np.lib.stride_tricks.sliding_window_view(padded, size)
+    if windows is not None:
         raw = windows[peaks[:, 0], peaks[:, 1], peaks[:, 2]].astype(np.float32)
     else:
         raw = gather(vol, np.stack([i.ravel() for i in idx], axis=1)).reshape(nb, *size)
         raw = raw.astype(np.float32)
-    smooth = ndi.gaussian_filter(raw, (0.0, *sigma), truncate=3.0, mode="reflect")
     crop = (
         slice(None),
         *(slice(int(m), int(m + 2 * h + 1)) for m, h in zip(margin, half, strict=True)),
     )
+    # Gaussian smoothing, axis by axis, each axis cropped to the window once its pass is
+    # done (the margin serves only that pass: the same values as smoothing the whole
+    # window, less work)
+    smooth = raw
+    for a, s in enumerate(sigma):
+        if s > 0:
+            smooth = ndi.gaussian_filter1d(smooth, s, axis=a + 1, truncate=3.0, mode="reflect")
+        smooth = smooth[tuple(crop[a + 1] if d == a + 1 else slice(None) for d in range(4))]
     # mirrored voxels beyond the volume's faces only serve the smoothing
-    smooth, raw, inside = smooth[crop], raw[crop], np.broadcast_to(inside, (nb, *size))[crop]
+    raw, inside = raw[crop], np.broadcast_to(inside, (nb, *size))[crop]
     kshape = smooth.shape[1:]
     centre = tuple(int(h) for h in half)
     # background: the median of the planes around the peak (a window reaching below a
@@ -212,7 +245,7 @@ def _decompose_batch(
     dz = max(1, round(float(sigma[0]))) if sigma[0] > 0 else 0
     zs = slice(max(0, centre[0] - dz), centre[0] + dz + 1)
     planes = np.where(inside[:, zs], smooth[:, zs], np.nan).reshape(nb, -1)
-    background = np.nanmedian(planes, axis=1)[:, None, None, None]
+    background = _row_nanmedian(planes)[:, None, None, None]
     smooth = smooth - background
     rawbg = raw - background
     height = smooth[(slice(None), *centre)]
@@ -323,9 +356,7 @@ def _matching_pursuit(
 def point_extent(sigma_vox: tuple[float, float, float]) -> float:
     """The extent measure of one noise-free spot on a voxel centre (the reference)."""
     sigma = np.asarray(sigma_vox, dtype=np.float64)
-    half = _grid(sigma, _HALF_SIGMAS, 1) + np.array(
-        [0 if s == 0 else int(np.ceil(_MARGIN_SIGMAS * s)) for s in sigma]
-    )
+    half = _reach(sigma)
     shape = tuple(int(v) for v in 2 * half + 1)
     spot = np.ones(shape)
     for axis, (n, s) in enumerate(zip(shape, sigma, strict=True)):

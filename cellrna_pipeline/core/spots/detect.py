@@ -441,14 +441,18 @@ def _decompose(
     removed = np.zeros(len(pos), dtype=bool)
     starts = np.searchsorted(blobs.spot_blob, np.arange(len(bright) + 1))
     new: list[int] = []
+    # the peaks in each cluster's region
+    clusters = np.unique(blobs.spot_blob)
+    region_flat, owner = blobs.regions_flat(clusters)
+    at = np.clip(np.searchsorted(sorted_flat, region_flat), 0, len(sorted_flat) - 1)
+    found = sorted_flat[at] == region_flat
+    hits, cuts = by_flat[at[found]], np.searchsorted(owner[found], np.arange(len(clusters) + 1))
     # brightest first: a blob whose peak an earlier cluster absorbed is not a blob of its own
-    for b in np.unique(blobs.spot_blob):
+    for j, b in enumerate(clusters):
         i = bright[b]
         if removed[i]:
             continue
-        region_flat = blobs.region_flat(int(b))
-        at = np.clip(np.searchsorted(sorted_flat, region_flat), 0, len(sorted_flat) - 1)
-        hit = by_flat[at[sorted_flat[at] == region_flat]]
+        hit = hits[cuts[j] : cuts[j + 1]]
         absorbed = hit[~removed[hit]]
         if starts[b + 1] - starts[b] <= len(absorbed):
             continue  # the peaks already found account for the blob

@@ -51,6 +51,9 @@ _WINDOW_BATCH = 16384  # spots whose windows are looked up (and read) together  
 _GATHER_TILE = (32, 128, 2048)  # lazy slice-only arrays are read one such box at a time
 
 
+_NONE = (np.zeros((0, 3)), np.zeros(0), np.zeros(0), np.zeros(0))  # no spots to add
+
+
 @dataclass(frozen=True)
 class FitSettings:
     """Parameters of :func:`fit_spots` (see the module docstring).
@@ -210,6 +213,8 @@ class _Model:
         self.pool = _Pool(vol, tuple(int(s) for s in vol.shape))
         self.sigma = np.asarray(sigma_vox, dtype=np.float64)
         self.inv2 = np.where(self.sigma > 0, 1.0 / np.maximum(self.sigma, _EPS) ** 2, 0.0)
+        # axes without extent (z of a 2-D image): the Gaussian does not depend on p_a
+        self.flat_axis = [bool(s <= 0) for s in sigma_vox]
         self.reach = np.array(
             [0 if s <= 0 else max(1, round(_WINDOW_SIGMAS * s)) for s in sigma_vox]
         )
@@ -226,13 +231,13 @@ class _Model:
         self.grid = tuple(len(o) for o in self.offsets)
         self.k = int(np.prod(self.grid))
         self.model = np.zeros(0)  # the summed model of all spots, per pool slot
-        self._touched: list[np.ndarray] = []  # slots where the model may be non-zero
 
     # --- state -----------------------------------------------------------------
     def set(
         self, zyx: np.ndarray, amp: np.ndarray, bg: np.ndarray, floor: np.ndarray
     ) -> np.ndarray:
-        """Replace the spots (stored in position order); returns each input's row.
+        """Set all spots (stored in position order) and build the summed model from
+        scratch (:meth:`replace` changes some); returns each input's row.
 
         ``floor``: the smallest fitted amplitude each spot may keep (its threshold).
         """
@@ -242,17 +247,48 @@ class _Model:
         self.bg = np.array(bg[order], dtype=np.float64)
         self.floor = np.array(floor[order], dtype=np.float64)
         self.centres = np.rint(self.zyx).astype(np.int64)
-        # the model is 0 except under windows: clear the voxels windows have covered
-        # (cheaper than a new image-sized array at every call)
-        for slots in self._touched:
-            self.model[slots] = 0.0
         self.slot, self.weight = self._windows(self.centres)
-        self._grow_model()
-        self._touched = [self.slot.ravel()]
+        self.model = np.zeros(len(self.pool.vals))
         spots = self.amp[:, None] * self.gauss(np.arange(len(self.zyx))) * self.weight
         np.add.at(self.model, self.slot.ravel(), spots.ravel())  # 1-D: numpy's fast path
         rows = np.empty(len(order), dtype=np.int64)
         rows[order] = np.arange(len(order))
+        return rows
+
+    def replace(
+        self,
+        keep: np.ndarray,
+        zyx: np.ndarray,
+        amp: np.ndarray,
+        bg: np.ndarray,
+        floor: np.ndarray,
+    ) -> np.ndarray:
+        """Keep the spots where ``keep`` (bool ``(n,)``) and add new ones (``zyx`` ``(m,
+        3)`` etc., as in :meth:`set`); the model changes only under the windows of the
+        spots dropped and added. Returns the row of each kept spot, then of each new one
+        (spots stay in position order)."""
+        gone = np.flatnonzero(~keep)
+        if len(gone):
+            old = self.amp[gone, None] * self.gauss(gone) * self.weight[gone]
+            np.subtract.at(self.model, self.slot[gone].ravel(), old.ravel())
+        centres = np.rint(zyx).astype(np.int64)
+        slot, weight = self._windows(centres)
+        self._grow_model()
+        all_zyx = np.concatenate([self.zyx[keep], np.asarray(zyx, dtype=np.float64)])
+        order = np.lexsort((all_zyx[:, 2], all_zyx[:, 1], all_zyx[:, 0]))
+        self.zyx = all_zyx[order]
+        self.amp = np.concatenate([self.amp[keep], amp])[order]
+        self.bg = np.concatenate([self.bg[keep], bg])[order]
+        self.floor = np.concatenate([self.floor[keep], floor])[order]
+        self.centres = np.concatenate([self.centres[keep], centres])[order]
+        self.slot = np.concatenate([self.slot[keep], slot])[order]
+        self.weight = np.concatenate([self.weight[keep], weight])[order]
+        rows = np.empty(len(order), dtype=np.int64)
+        rows[order] = np.arange(len(order))
+        added = rows[len(order) - len(zyx) :]
+        if len(added):
+            spots = self.amp[added, None] * self.gauss(added) * self.weight[added]
+            np.add.at(self.model, self.slot[added].ravel(), spots.ravel())
         return rows
 
     def _windows(self, centres: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -287,9 +323,7 @@ class _Model:
         if not len(moved):
             return
         old = self.amp[moved, None] * self.gauss(moved) * self.weight[moved]
-        left = self.slot[moved].ravel()
-        np.subtract.at(self.model, left, old.ravel())
-        self._touched.append(left)
+        np.subtract.at(self.model, self.slot[moved].ravel(), old.ravel())
         self.centres[moved] = centres[moved]
         self.slot[moved], self.weight[moved] = self._windows(centres[moved])
         self._grow_model()
@@ -334,21 +368,22 @@ class _Model:
         i, j = pairs[:, 0], pairs[:, 1]
         low = np.where(key[i] < key[j], i, j)  # of each pair, the one that waits
         high = np.where(key[i] < key[j], j, i)
-        src = np.concatenate([i, j])  # both directions, for the colours in use
-        dst = np.concatenate([j, i])
-        degree = np.bincount(src, minlength=len(rows))
+        degree = np.bincount(pairs.ravel(), minlength=len(rows))
         used = np.zeros((len(rows), int(degree.max()) + 1), dtype=bool)
         colour = np.full(len(rows), -1)
         open_ = np.ones(len(rows), dtype=bool)
         while open_.any():
             blocked = np.zeros(len(rows), dtype=bool)
-            blocked[low[open_[low] & open_[high]]] = True
+            blocked[low] = True  # (only pairs of two open spots are left)
             chosen = open_ & ~blocked
             # each takes the smallest colour none of its coloured neighbours has
             colour[chosen] = np.argmin(used[chosen], axis=1)
             open_ &= ~chosen
-            tell = chosen[src]
-            used[dst[tell], colour[src[tell]]] = True
+            # the colours in use, told to the open neighbours of the spots just coloured
+            tell = chosen[high]
+            used[low[tell], colour[high[tell]]] = True
+            left = ~tell
+            low, high = low[left], high[left]
         order = np.argsort(colour, kind="stable")
         cuts = np.flatnonzero(np.diff(colour[order])) + 1
         classes = np.split(rows[order], cuts)
@@ -372,7 +407,10 @@ class _Model:
             np.multiply(g, wt, out=jac[:, 0])
             jac[:, 1] = wt
             for ax in range(3):
-                np.multiply(gs.derivative(ax, scale), wt, out=jac[:, 2 + ax])
+                if self.flat_axis[ax]:
+                    jac[:, 2 + ax] = 0.0
+                else:
+                    np.multiply(gs.derivative(ax, scale), wt, out=jac[:, 2 + ax])
             step = _damped_step(jac, resid, _DAMPING)
             self.amp[cls] = np.maximum(a + step[:, 0], 0.0)
             self.bg[cls] = b + step[:, 1]
@@ -469,12 +507,15 @@ def _lm_fit(
     data = data.astype(np.float32)
     wt = wt.astype(np.float32)
 
-    def evaluate(p: np.ndarray, i: np.ndarray) -> tuple[np.ndarray, list[_Gauss]]:
-        gs = [_Gauss(model, p[:, 4 * s + 1 : 4 * s + 4], centres[i]) for s in range(m)]
+    def evaluate(p: np.ndarray, i: np.ndarray) -> tuple[np.ndarray, _Gauss]:
+        # the m spots of the windows as rows of one batch (window-major)
+        zyx = p[:, :-1].reshape(len(i), m, 4)[:, :, 1:].reshape(-1, 3)
+        gs = _Gauss(model, zyx, np.repeat(centres[i], m, axis=0))
         q = p.astype(np.float32)
+        g = gs.flat().reshape(len(i), m, model.k)
         r = data[i] - q[:, -1, None]
-        for s, g in enumerate(gs):
-            r -= q[:, 4 * s, None] * g.flat()
+        for s in range(m):
+            r -= q[:, 4 * s, None] * g[:, s]
         return r * wt[i], gs
 
     rows = np.arange(len(params))
@@ -486,13 +527,19 @@ def _lm_fit(
         if not len(active):
             break
         i = active
-        w = wt[i]
+        w = wt[i][:, None]
         p = params[i]
+        amp = p[:, :-1].reshape(len(i), m, 4)[:, :, 0].reshape(-1)
         jac = np.empty((len(i), 4 * m + 1, model.k), dtype=np.float32)
-        for s, g in enumerate(gs):
-            np.multiply(g.flat(), w, out=jac[:, 4 * s])
-            for ax in range(3):
-                np.multiply(g.derivative(ax, p[:, 4 * s]), w, out=jac[:, 4 * s + 1 + ax])
+        per_spot = jac[:, :-1].reshape(len(i), m, 4, model.k, copy=False)  # [a, p_z, p_y, p_x]
+        np.multiply(gs.flat().reshape(len(i), m, model.k), w, out=per_spot[:, :, 0])
+        for ax in range(3):
+            if model.flat_axis[ax]:
+                per_spot[:, :, 1 + ax] = 0.0
+            else:
+                d = gs.derivative(ax, amp).reshape(len(i), m, model.k)
+                np.multiply(d, w, out=per_spot[:, :, 1 + ax])
+        w = w[:, 0]
         jac[:, -1] = w
         trial = p + np.clip(_damped_step(jac, resid, lam[i]), -lim, lim)
         t_resid, t_gs = evaluate(trial, i)
@@ -504,12 +551,12 @@ def _lm_fit(
         lam[i] = np.where(ok, lam[i] * 0.3, lam[i] * 10.0)
         # Gaussians and residuals of the current parameters, for the next step
         resid = np.where(ok[:, None], t_resid, resid)
-        gs = [_merge(g, t, ok) for g, t in zip(gs, t_gs, strict=True)]
+        gs = _merge(gs, t_gs, np.repeat(ok, m))
         go = ~(ok & (gain < _LM_TOLERANCE)) & (lam[i] < 1e6)
         if hopeless is not None and it + 1 >= _LM_HOPELESS_AFTER:
             go &= hopeless[0][i] - cost[i] >= 0.25 * hopeless[1]
         active = i[go]
-        resid, gs = resid[go], [_take(g, go) for g in gs]
+        resid, gs = resid[go], _take(gs, np.repeat(go, m))
     return params, cost
 
 
@@ -589,11 +636,12 @@ def fit_spots(
         keep = np.ones(len(model.zyx), dtype=bool)
         keep[split] = False
         n_keep = int(keep.sum())
-        rows = model.set(
-            np.concatenate([model.zyx[keep], p1[accept], p2[accept]]),
-            np.concatenate([model.amp[keep], a1[accept], a2[accept]]),
-            np.concatenate([model.bg[keep], model.bg[split], model.bg[split]]),
-            np.concatenate([model.floor[keep], model.floor[split], model.floor[split]]),
+        rows = model.replace(
+            keep,
+            np.concatenate([p1[accept], p2[accept]]),
+            np.concatenate([a1[accept], a2[accept]]),
+            np.concatenate([model.bg[split], model.bg[split]]),
+            np.concatenate([model.floor[split], model.floor[split]]),
         )
         test = rows[n_keep:]
         model.refine(model.neighbours(test), cfg.refine_sweeps)
@@ -608,13 +656,13 @@ def fit_spots(
         keep = np.ones(len(model.zyx), dtype=bool)
         keep[drop] = False
         n_pruned += len(drop)
-        rows = model.set(model.zyx[keep], model.amp[keep], model.bg[keep], model.floor[keep])
+        rows = model.replace(keep, *_NONE)
         kept = np.cumsum(keep) - 1  # index among the kept spots
         model.refine(rows[kept[touched[keep[touched]]]], 1)
     keep = model.amp >= model.floor
     if not keep.all():
         n_pruned += int((~keep).sum())
-        model.set(model.zyx[keep], model.amp[keep], model.bg[keep], model.floor[keep])
+        model.replace(keep, *_NONE)
     return SpotFit(model.zyx, model.amp, model.floor, n_split, n_pruned, noise_var, gain)
 
 

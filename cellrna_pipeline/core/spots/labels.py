@@ -66,9 +66,15 @@ def rasterize_spots(
     for start in range(0, n, _BATCH):  # batches: the (spots, offsets, 3) arrays stay small
         c = centres[start : start + _BATCH]
         rounded = np.clip(np.rint(c).astype(np.int64), 0, np.array(shape) - 1)
-        vox = rounded[:, None, :] + offsets[None]  # (batch, k, 3)
+        # only the offsets that can be within one sigma of some centre of the batch
+        # (each is at most ``shift`` from its rounded voxel): most of the box is not
+        shift = np.abs(c - rounded).max(axis=0)
+        near = (((np.maximum(np.abs(offsets) - shift, 0.0) * inv) ** 2).sum(axis=1) <= 1.0) | (
+            centre_off
+        )
+        vox = rounded[:, None, :] + offsets[near][None]  # (batch, k, 3)
         d = np.sqrt((((vox - c[:, None, :]) * inv) ** 2).sum(axis=2))
-        d[:, centre_off] = -1.0  # the centre voxel is always the spot's own
+        d[:, centre_off[near]] = -1.0  # the centre voxel is always the spot's own
         inside = (d <= 1.0) & np.all((vox >= 0) & (vox < np.array(shape)), axis=2)
         spot = np.broadcast_to(np.arange(start, start + len(c))[:, None], d.shape)[inside]
         parts.append((np.ravel_multi_index(tuple(vox[inside].T), shape), spot, d[inside]))
