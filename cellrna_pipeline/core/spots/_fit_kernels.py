@@ -1,0 +1,335 @@
+"""Compiled loops of the joint Gaussian fit (:mod:`.fit`), one spot or window at a time.
+
+The fit works on thousands of windows of 75-405 voxels; as batched numpy its time went
+to per-call overhead and temporaries, so its inner loops are numba kernels (compiled on
+first use, then cached next to this module or in ``NUMBA_CACHE_DIR``).
+
+Windows: spot ``i``'s window is the product grid ``centres[i] + (-r_a .. r_a)`` per axis
+``a`` (``reach`` ``r``), flattened in C order (voxel ``q = (iz * ly + iy) * lx + ix``);
+``slot[i, q]`` is the voxel's index into the image values ``vals`` and the summed model
+``model``, and ``weight[i, q]`` is 1 inside the volume and 0 outside. A unit Gaussian
+centred at ``p`` is the product of three 1-D factors ``exp(-u_a^2 inv2_a / 2)``, ``u_a =
+v_a - p_a`` (``inv2_a = 1 / sigma_a^2``, 0 on an axis without extent); its derivative in
+``p_a`` is the Gaussian times ``u_a inv2_a``. Everything is float64.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numba
+import numpy as np
+
+EPS = 1e-9
+_TWO = 9  # parameters of a two-spot fit: [a1, z1, y1, x1, a2, z2, y2, x2, background]
+
+
+@numba.njit(cache=True, nogil=True)
+def _factors(p, centre, reach, inv2, e, d):  # type: ignore[no-untyped-def]
+    """1-D factors of the Gaussian at ``p`` on the window at ``centre``: ``e[a, j]`` and
+    ``d[a, j] = u inv2`` at offset ``j - reach[a]`` of axis ``a``."""
+    for a in range(3):
+        for j in range(2 * reach[a] + 1):
+            u = centre[a] + (j - reach[a]) - p[a]
+            e[a, j] = math.exp(-0.5 * inv2[a] * u * u)
+            d[a, j] = u * inv2[a]
+
+
+@numba.njit(cache=True, nogil=True)
+def _solve(a, b, x):  # type: ignore[no-untyped-def]
+    """``x = a^-1 b`` by Gaussian elimination with partial pivoting (``a``, ``b``
+    overwritten; ``a`` is a small damped normal matrix, never singular)."""
+    n = len(b)
+    for c in range(n):
+        piv = c
+        for r in range(c + 1, n):
+            if abs(a[r, c]) > abs(a[piv, c]):
+                piv = r
+        if piv != c:
+            for k in range(c, n):
+                a[c, k], a[piv, k] = a[piv, k], a[c, k]
+            b[c], b[piv] = b[piv], b[c]
+        for r in range(c + 1, n):
+            f = a[r, c] / a[c, c]
+            if f != 0.0:
+                for k in range(c, n):
+                    a[r, k] -= f * a[c, k]
+                b[r] -= f * b[c]
+    for c in range(n - 1, -1, -1):
+        s = b[c]
+        for k in range(c + 1, n):
+            s -= a[c, k] * x[k]
+        x[c] = s / a[c, c]
+
+
+@numba.njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
+def _gram(jac, r, jtj, jtr):  # type: ignore[no-untyped-def]
+    """Upper triangle of ``jac jac^T`` and ``jac r`` (``jac`` ``(m, k)``, ``r`` ``(k,)``);
+    sums in any order (SIMD)."""
+    m, k = jac.shape
+    for u in range(m):
+        s = 0.0
+        for q in range(k):
+            s += jac[u, q] * r[q]
+        jtr[u] = s
+        for v in range(u, m):
+            s = 0.0
+            for q in range(k):
+                s += jac[u, q] * jac[v, q]
+            jtj[u, v] = s
+
+
+@numba.njit(cache=True, nogil=True)
+def _damp(jtj, lam):  # type: ignore[no-untyped-def]
+    """Mirror the upper triangle and add Marquardt damping ``lam`` (plus ``EPS``)."""
+    n = len(jtj)
+    for r in range(n):
+        for c in range(r):
+            jtj[r, c] = jtj[c, r]
+        jtj[r, r] += lam * jtj[r, r] + EPS
+
+
+@numba.njit(cache=True, nogil=True)
+def add_spots(rows, sign, zyx, amp, centres, slot, weight, reach, inv2, model):  # type: ignore[no-untyped-def]
+    """``model[slot] += sign * amp * g * weight`` on the windows of ``rows``."""
+    lz, ly, lx = 2 * reach[0] + 1, 2 * reach[1] + 1, 2 * reach[2] + 1
+    e = np.empty((3, max(lz, ly, lx)))
+    d = np.empty_like(e)
+    for i in rows:
+        _factors(zyx[i], centres[i], reach, inv2, e, d)
+        a = sign * amp[i]
+        q = 0
+        for iz in range(lz):
+            for iy in range(ly):
+                ezy = a * e[0, iz] * e[1, iy]
+                for ix in range(lx):
+                    w = weight[i, q]
+                    if w != 0.0:
+                        model[slot[i, q]] += ezy * e[2, ix] * w
+                    q += 1
+
+
+@numba.njit(cache=True, nogil=True)
+def window_data(rows, zyx, amp, centres, slot, weight, reach, inv2, vals, model):  # type: ignore[no-untyped-def]
+    """Image minus every other spot on the windows of ``rows`` and the unit Gaussians,
+    ``(n, k)`` float64 each."""
+    lz, ly, lx = 2 * reach[0] + 1, 2 * reach[1] + 1, 2 * reach[2] + 1
+    e = np.empty((3, max(lz, ly, lx)))
+    d = np.empty_like(e)
+    data = np.empty((len(rows), lz * ly * lx))
+    gauss = np.empty_like(data)
+    for r in range(len(rows)):
+        i = rows[r]
+        _factors(zyx[i], centres[i], reach, inv2, e, d)
+        q = 0
+        for iz in range(lz):
+            for iy in range(ly):
+                for ix in range(lx):
+                    g = e[0, iz] * e[1, iy] * e[2, ix]
+                    s = slot[i, q]
+                    gauss[r, q] = g
+                    data[r, q] = vals[s] - model[s] + amp[i] * g * weight[i, q]
+                    q += 1
+    return data, gauss
+
+
+@numba.njit(cache=True, nogil=True)
+def sweep(order, zyx, amp, bg, centres, slot, weight, reach, inv2, lim, damping, vals, model):  # type: ignore[no-untyped-def]
+    """One Gauss-Seidel sweep over the spots ``order`` (class after class): a damped
+    Gauss-Newton step on each spot's ``(a, b, p)`` against the residual of the whole
+    model, then the model updated under its window. ``zyx``, ``amp``, ``bg`` and
+    ``model`` change in place; a position moves at most ``lim`` per axis, ``a`` stays
+    >= 0. The derivative in ``p`` is taken at amplitude ``max(a, EPS)``.
+
+    Within a colour class the windows do not overlap, so a spot's step does not depend
+    on the others of its class and one after the other equals all at once.
+    """
+    lz, ly, lx = 2 * reach[0] + 1, 2 * reach[1] + 1, 2 * reach[2] + 1
+    e = np.empty((3, max(lz, ly, lx)))
+    d = np.empty_like(e)
+    k = lz * ly * lx
+    g = np.empty(k)
+    jac = np.empty((5, k))
+    r = np.empty(k)
+    jtj = np.empty((5, 5))
+    jtr = np.empty(5)
+    step = np.empty(5)
+    for i in order:
+        _factors(zyx[i], centres[i], reach, inv2, e, d)
+        a, b = amp[i], bg[i]
+        scale = max(a, EPS)
+        q = 0
+        for iz in range(lz):
+            for iy in range(ly):
+                for ix in range(lx):
+                    w = weight[i, q]
+                    gq = e[0, iz] * e[1, iy] * e[2, ix]
+                    g[q] = gq
+                    s = slot[i, q]
+                    r[q] = (vals[s] - model[s] - b) * w
+                    jac[0, q] = gq * w
+                    jac[1, q] = w
+                    sg = scale * gq * w
+                    jac[2, q] = sg * d[0, iz]
+                    jac[3, q] = sg * d[1, iy]
+                    jac[4, q] = sg * d[2, ix]
+                    q += 1
+        _gram(jac, r, jtj, jtr)
+        _damp(jtj, damping)
+        _solve(jtj, jtr, step)
+        new_a = max(a + step[0], 0.0)
+        amp[i] = new_a
+        bg[i] = b + step[1]
+        for ax in range(3):
+            zyx[i, ax] += min(max(step[2 + ax], -lim[ax]), lim[ax])
+        _factors(zyx[i], centres[i], reach, inv2, e, d)
+        q = 0
+        for iz in range(lz):
+            for iy in range(ly):
+                for ix in range(lx):
+                    w = weight[i, q]
+                    if w != 0.0:
+                        model[slot[i, q]] += (new_a * e[0, iz] * e[1, iy] * e[2, ix] - a * g[q]) * w
+                    q += 1
+
+
+@numba.njit(cache=True, nogil=True)
+def _one_spot_chi2(data, g, sw):  # type: ignore[no-untyped-def]
+    """Weighted residual sum of squares of ``c0 g + c1`` with ``(c0, c1)`` solved under
+    the weights ``sw^2`` (normal matrix plus ``EPS``)."""
+    m = np.zeros((2, 2))
+    rhs = np.zeros(2)
+    for q in range(len(data)):
+        j0, j1, y = g[q] * sw[q], sw[q], data[q] * sw[q]
+        m[0, 0] += j0 * j0
+        m[0, 1] += j0 * j1
+        m[1, 1] += j1 * j1
+        rhs[0] += j0 * y
+        rhs[1] += j1 * y
+    _damp(m, 0.0)
+    coef = np.empty(2)
+    _solve(m, rhs, coef)
+    chi2 = 0.0
+    for q in range(len(data)):
+        r = (data[q] - coef[0] * g[q] - coef[1]) * sw[q]
+        chi2 += r * r
+    return chi2
+
+
+@numba.njit(cache=True, nogil=True)
+def _two_spot_resid(p, data, sw, centre, reach, inv2, e, d, resid):  # type: ignore[no-untyped-def]
+    """Weighted residuals of two Gaussians and a background ``p`` (``resid``, ``(k,)``),
+    their 1-D factors ``e``, ``d`` ``(2, 3, l)``; returns the sum of squares."""
+    lz, ly, lx = 2 * reach[0] + 1, 2 * reach[1] + 1, 2 * reach[2] + 1
+    _factors(p[1:4], centre, reach, inv2, e[0], d[0])
+    _factors(p[5:8], centre, reach, inv2, e[1], d[1])
+    cost = 0.0
+    q = 0
+    for iz in range(lz):
+        for iy in range(ly):
+            for ix in range(lx):
+                g0 = e[0, 0, iz] * e[0, 1, iy] * e[0, 2, ix]
+                g1 = e[1, 0, iz] * e[1, 1, iy] * e[1, 2, ix]
+                r = (data[q] - p[8] - p[0] * g0 - p[4] * g1) * sw[q]
+                resid[q] = r
+                cost += r * r
+                q += 1
+    return cost
+
+
+@numba.njit(cache=True, nogil=True)
+def split_fits(data, g, sw, start, centres, reach, inv2, sigma, settings):  # type: ignore[no-untyped-def]
+    """The split test's fits on ``n`` windows: one Gaussian (at its fitted centre) and
+    two (Levenberg-Marquardt), each with a background.
+
+    Parameters
+    ----------
+    data, g, sw : ``(n, k)`` float64: image minus the other spots, the one-spot unit
+        Gaussian, square roots of the voxel weights (0 outside the volume).
+    start : ``(n, 9)`` float64 two-spot starts ``[a1, p1, a2, p2, b]`` (voxels).
+    centres : ``(n, 3)`` int64 window centres.
+    sigma : ``(3,)`` PSF sigma (voxels): a step moves a position at most this far per axis.
+    settings : ``(iterations, tolerance, hopeless_after, min_gain)``: at most
+        ``iterations`` steps (``lam`` x0.3 after a step that lowers the cost, else x10);
+        a window stops when a step gains less than ``tolerance`` or ``lam`` reaches 1e6,
+        and after ``hopeless_after`` steps when its cost is less than a quarter of
+        ``min_gain`` below the one-spot fit's.
+
+    Returns
+    -------
+    params ``(n, 9)``, chi2_one ``(n,)``, chi2_two ``(n,)``: weighted residual sums of
+    squares (in noise variances).
+    """
+    iterations, tolerance, hopeless_after, min_gain = settings
+    n, k = data.shape
+    lmax = 2 * max(reach[0], reach[1], reach[2]) + 1
+    lim = np.full(_TWO, np.inf)
+    for s in range(2):
+        lim[4 * s + 1 : 4 * s + 4] = sigma
+    params = start.copy()
+    chi2_one = np.empty(n)
+    chi2_two = np.empty(n)
+    e = np.empty((2, 2, 3, lmax))  # [current / trial][spot][axis][offset]
+    d = np.empty_like(e)
+    resid = np.empty((2, k))
+    jtj = np.empty((_TWO, _TWO))
+    jtr = np.empty(_TWO)
+    step = np.empty(_TWO)
+    trial = np.empty(_TWO)
+    jac = np.empty((_TWO, k))
+    jtj0 = np.empty((_TWO, _TWO))
+    jtr0 = np.empty(_TWO)
+    lz, ly, lx = 2 * reach[0] + 1, 2 * reach[1] + 1, 2 * reach[2] + 1
+    for i in range(n):
+        ref = _one_spot_chi2(data[i], g[i], sw[i])
+        chi2_one[i] = ref
+        p = params[i]
+        cur = 0
+        cost = _two_spot_resid(p, data[i], sw[i], centres[i], reach, inv2, e[0], d[0], resid[0])
+        lam = 1e-2
+        fresh = False  # jtj0, jtr0 hold the current parameters' normal equations
+        for it in range(int(iterations)):
+            if not fresh:
+                ec, dc = e[cur], d[cur]
+                q = 0
+                for iz in range(lz):
+                    for iy in range(ly):
+                        for ix in range(lx):
+                            w = sw[i, q]
+                            for s in range(2):
+                                gs = ec[s, 0, iz] * ec[s, 1, iy] * ec[s, 2, ix] * w
+                                jac[4 * s, q] = gs
+                                ag = p[4 * s] * gs
+                                jac[4 * s + 1, q] = ag * dc[s, 0, iz]
+                                jac[4 * s + 2, q] = ag * dc[s, 1, iy]
+                                jac[4 * s + 3, q] = ag * dc[s, 2, ix]
+                            jac[8, q] = w
+                            q += 1
+                _gram(jac, resid[cur], jtj0, jtr0)
+                fresh = True
+            jtj[:] = jtj0
+            jtr[:] = jtr0
+            _damp(jtj, lam)
+            _solve(jtj, jtr, step)
+            for u in range(_TWO):
+                trial[u] = p[u] + min(max(step[u], -lim[u]), lim[u])
+            other = 1 - cur
+            new = _two_spot_resid(
+                trial, data[i], sw[i], centres[i], reach, inv2, e[other], d[other], resid[other]
+            )
+            ok = new < cost
+            gain = cost - new if ok else 0.0
+            if ok:
+                fresh = False
+                p[:] = trial
+                cost = new
+                cur = other
+                lam *= 0.3
+            else:
+                lam *= 10.0
+            if (ok and gain < tolerance) or lam >= 1e6:
+                break
+            if it + 1 >= hopeless_after and ref - cost < 0.25 * min_gain:
+                break
+        chi2_two[i] = cost
+    return params, chi2_one, chi2_two
