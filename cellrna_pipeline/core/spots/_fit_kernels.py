@@ -333,3 +333,122 @@ def split_fits(data, g, sw, start, centres, reach, inv2, sigma, settings):  # ty
                 break
         chi2_two[i] = cost
     return params, chi2_one, chi2_two
+
+
+@numba.njit(cache=True, nogil=True)
+def greedy_colours(pairs, key):  # type: ignore[no-untyped-def]
+    """Colours of a graph's nodes (``pairs`` ``(m, 2)`` int64 edges, ``key`` ``(n,)``
+    distinct priorities): in order of decreasing key, each node takes the smallest colour
+    none of its neighbours of higher key has (the colouring Jones-Plassmann's rounds give).
+    """
+    n = len(key)
+    start = np.zeros(n + 1, np.int64)
+    for e in range(len(pairs)):
+        start[pairs[e, 0] + 1] += 1
+        start[pairs[e, 1] + 1] += 1
+    for v in range(n):
+        start[v + 1] += start[v]
+    fill = start[:-1].copy()
+    nbr = np.empty(start[n], np.int64)
+    for e in range(len(pairs)):
+        a, b = pairs[e, 0], pairs[e, 1]
+        nbr[fill[a]] = b
+        fill[a] += 1
+        nbr[fill[b]] = a
+        fill[b] += 1
+    colour = np.full(n, -1, np.int64)
+    seen = np.full(n + 1, -1, np.int64)  # seen[c] == v: a neighbour of v has colour c
+    for v in np.argsort(key)[::-1]:
+        for t in range(start[v], start[v + 1]):
+            c = colour[nbr[t]]
+            if c >= 0:
+                seen[c] = v
+        c = 0
+        while seen[c] == v:
+            c += 1
+        colour[v] = c
+    return colour
+
+
+@numba.njit(cache=True, nogil=True)
+def overlapping(a, b, span):  # type: ignore[no-untyped-def]
+    """Pairs ``(i, j)`` ``(m, 2)`` int64 with ``|a[i] - b[j]| <= span`` on every axis
+    (``a`` ``(n, 3)``, ``b`` ``(p, 3)`` int64 voxels; ``span`` ``(3,)``): ``b`` sorted by
+    ``(z, y)``, each ``a[i]`` looks up the ``2 span_z + 1`` runs of rows it can reach."""
+    lo = np.empty(2, np.int64)  # the smallest z and y anyone can reach
+    for ax in range(2):
+        lo[ax] = min(a[:, ax].min(), b[:, ax].min()) - span[ax]
+    width = max(a[:, 1].max(), b[:, 1].max()) - lo[1] + span[1] + 1
+    key_b = (b[:, 0] - lo[0]) * width + (b[:, 1] - lo[1])
+    order = np.argsort(key_b)
+    sorted_b = key_b[order]
+    out = np.empty((max(16, 4 * len(a)), 2), np.int64)
+    m = 0
+    for i in range(len(a)):
+        for z in range(a[i, 0] - span[0], a[i, 0] + span[0] + 1):
+            row = (z - lo[0]) * width - lo[1]
+            first = np.searchsorted(sorted_b, row + a[i, 1] - span[1])
+            last = np.searchsorted(sorted_b, row + a[i, 1] + span[1], side="right")
+            for t in range(first, last):
+                j = order[t]
+                if abs(b[j, 2] - a[i, 2]) <= span[2]:
+                    if m == len(out):
+                        grown = np.empty((2 * m, 2), np.int64)
+                        grown[:m] = out
+                        out = grown
+                    out[m, 0] = i
+                    out[m, 1] = j
+                    m += 1
+    return out[:m].copy()
+
+
+@numba.njit(cache=True, nogil=True)
+def light_covariance(data, bg, weight, zyx, centres, reach, inv2, sigma):  # type: ignore[no-untyped-def]
+    """Covariance ``(n, 3, 3)`` of the positions ``(v - p) / sigma`` (0 on an axis
+    without extent) weighted by each window's light ``max(data - bg, 0) * weight``
+    (``data``, ``weight`` ``(n, k)``; ``bg`` ``(n,)``; ``zyx`` ``(n, 3)`` the spots,
+    ``centres`` ``(n, 3)`` the windows)."""
+    n = len(data)
+    lz, ly, lx = 2 * reach[0] + 1, 2 * reach[1] + 1, 2 * reach[2] + 1
+    coord = np.empty((3, max(lz, ly, lx)))
+    cov = np.zeros((n, 3, 3))
+    mean = np.empty(3)
+    for i in range(n):
+        for a in range(3):
+            for j in range(2 * reach[a] + 1):
+                coord[a, j] = (centres[i, a] + (j - reach[a]) - zyx[i, a]) * inv2[a] * sigma[a]
+        total = 0.0
+        mean[:] = 0.0
+        q = 0
+        for iz in range(lz):
+            for iy in range(ly):
+                for ix in range(lx):
+                    w = max(data[i, q] - bg[i], 0.0) * weight[i, q]
+                    total += w
+                    mean[0] += w * coord[0, iz]
+                    mean[1] += w * coord[1, iy]
+                    mean[2] += w * coord[2, ix]
+                    q += 1
+        total += EPS
+        for a in range(3):
+            mean[a] /= total
+        q = 0
+        for iz in range(lz):
+            for iy in range(ly):
+                for ix in range(lx):
+                    w = max(data[i, q] - bg[i], 0.0) * weight[i, q]
+                    c0 = coord[0, iz] - mean[0]
+                    c1 = coord[1, iy] - mean[1]
+                    c2 = coord[2, ix] - mean[2]
+                    cov[i, 0, 0] += w * c0 * c0
+                    cov[i, 0, 1] += w * c0 * c1
+                    cov[i, 0, 2] += w * c0 * c2
+                    cov[i, 1, 1] += w * c1 * c1
+                    cov[i, 1, 2] += w * c1 * c2
+                    cov[i, 2, 2] += w * c2 * c2
+                    q += 1
+        for a in range(3):
+            for b in range(a, 3):
+                cov[i, a, b] /= total
+                cov[i, b, a] = cov[i, a, b]
+    return cov

@@ -187,8 +187,7 @@ class _Model:
             [0 if s <= 0 else max(1, round(_WINDOW_SIGMAS * s)) for s in sigma_vox]
         )
         self.offsets = [np.arange(-r, r + 1) for r in self.reach]
-        self.grid = tuple(len(o) for o in self.offsets)
-        self.k = int(np.prod(self.grid))
+        self.k = int(np.prod([len(o) for o in self.offsets]))  # voxels per window
         self.model = np.zeros(0)  # the summed model of all spots, per pool slot
 
     # --- state -----------------------------------------------------------------
@@ -309,36 +308,18 @@ class _Model:
     def colours(self, rows: np.ndarray) -> list[np.ndarray]:
         """``rows`` in classes whose windows do not overlap: independent sets of the
         overlap graph (Jones-Plassmann: a spot joins the current class when its priority,
-        a hash of its voxel, beats that of every neighbour not yet in a class)."""
-        scale = 1.0 / np.maximum(2 * self.reach, 1)
-        pairs = cKDTree(self.centres[rows] * scale).query_pairs(
-            r=1.0, p=np.inf, output_type="ndarray"
-        )
+        a hash of its voxel, beats that of every neighbour not yet in a class; it takes
+        the smallest class none of its neighbours of higher priority is in)."""
+        c = self.centres[rows]
+        pairs = _k.overlapping(c, c, 2 * self.reach)
+        pairs = pairs[pairs[:, 0] < pairs[:, 1]]
         if not len(pairs):
             return [rows]
-        c = self.centres[rows].astype(np.uint64)
+        c = c.astype(np.uint64)
         prio = (c[:, 0] * np.uint64(73856093)) ^ (c[:, 1] * np.uint64(19349663))
         prio = (prio ^ (c[:, 2] * np.uint64(83492791))) % np.uint64(1 << 40)
         key = prio * np.uint64(len(rows)) + np.arange(len(rows), dtype=np.uint64)
-        i, j = pairs[:, 0], pairs[:, 1]
-        low = np.where(key[i] < key[j], i, j)  # of each pair, the one that waits
-        high = np.where(key[i] < key[j], j, i)
-        degree = np.bincount(pairs.ravel(), minlength=len(rows))
-        used = np.zeros((len(rows), int(degree.max()) + 1), dtype=bool)
-        colour = np.full(len(rows), -1)
-        open_ = np.ones(len(rows), dtype=bool)
-        while open_.any():
-            blocked = np.zeros(len(rows), dtype=bool)
-            blocked[low] = True  # (only pairs of two open spots are left)
-            chosen = open_ & ~blocked
-            # each takes the smallest colour none of its coloured neighbours has
-            colour[chosen] = np.argmin(used[chosen], axis=1)
-            open_ &= ~chosen
-            # the colours in use, told to the open neighbours of the spots just coloured
-            tell = chosen[high]
-            used[low[tell], colour[high[tell]]] = True
-            left = ~tell
-            low, high = low[left], high[left]
+        colour = _k.greedy_colours(pairs, key)
         order = np.argsort(colour, kind="stable")
         cuts = np.flatnonzero(np.diff(colour[order])) + 1
         classes = np.split(rows[order], cuts)
@@ -368,37 +349,18 @@ class _Model:
         """Spots whose windows overlap those of ``rows`` (``rows`` included)."""
         if not len(rows):
             return rows
-        scale = 1.0 / np.maximum(2 * self.reach, 1)
-        hits = cKDTree(self.centres * scale).query_ball_point(
-            self.centres[rows] * scale, r=1.0, p=np.inf
-        )
-        return np.unique(np.concatenate([np.asarray(h, dtype=np.int64) for h in hits]))
+        return np.unique(_k.overlapping(self.centres[rows], self.centres, 2 * self.reach)[:, 1])
 
 
 def _split_start(model: _Model, rows: np.ndarray, data: np.ndarray) -> np.ndarray:
     """Two-spot start per window, ``(n, 9)`` ``[a1, p1, a2, p2, b]``: either side of the
     centre along the principal axis of the window's light (in sigma units)."""
-    n = len(rows)
-    sigma = model.sigma
     pos, amp, bg = model.zyx[rows], model.amp[rows], model.bg[rows]
-    light = (np.maximum(data - bg[:, None], 0.0) * model.weight[rows]).reshape(n, *model.grid)
-    total = light.reshape(n, -1).sum(axis=1) + _EPS
-    coords = []  # (v - p) / sigma per axis (0 without extent), broadcastable
-    for a, off in enumerate(model.offsets):
-        u = model.centres[rows, a, None] + off - pos[:, a, None]
-        shape = [n, 1, 1, 1]
-        shape[a + 1] = len(off)
-        coords.append((u * (model.inv2[a] * sigma[a])).reshape(shape))
-    mean = (
-        np.stack([(light * c).reshape(n, -1).sum(axis=1) for c in coords], axis=1) / total[:, None]
-    )
-    cov = np.empty((n, 3, 3))
-    for i in range(3):
-        for j in range(i, 3):
-            ci = coords[i] - mean[:, i, None, None, None]
-            cj = coords[j] - mean[:, j, None, None, None]
-            cov[:, i, j] = cov[:, j, i] = (light * ci * cj).reshape(n, -1).sum(axis=1) / total
-    axis = np.linalg.eigh(cov + _EPS * np.eye(3))[1][:, :, -1] * sigma
+    cov = _k.light_covariance(
+        data, bg, model.weight[rows], pos, model.centres[rows], model.reach, model.inv2,
+        model.sigma,
+    )  # fmt: skip
+    axis = np.linalg.eigh(cov + _EPS * np.eye(3))[1][:, :, -1] * model.sigma
     return np.concatenate(
         [
             (0.55 * amp)[:, None],
