@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage as ndi
 
+from cellrna_pipeline.core.spots import _kernels as _k
 from cellrna_pipeline.core.spots.fit import gather
 
 __all__ = ["Blobs", "decompose_blobs", "point_extent"]
@@ -114,11 +115,7 @@ def _balls(
 def _connected_to_centre(mask: np.ndarray, centre: tuple[int, ...]) -> np.ndarray:
     """Per blob, the component of ``mask`` ``(nb, kz, ky, kx)`` holding ``centre``
     (26-connected within a blob, never across blobs)."""
-    structure = np.zeros((3, 3, 3, 3), dtype=bool)
-    structure[1] = True
-    labels, _ = ndi.label(mask, structure=structure)
-    at = labels[(slice(None), *centre)]
-    out = (labels == at[:, None, None, None]) & (at[:, None, None, None] > 0)
+    out = _k.connected_to_centre(np.ascontiguousarray(mask), centre)
     out[(slice(None), *centre)] = True  # an empty blob keeps its peak
     return out
 

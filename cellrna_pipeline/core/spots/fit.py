@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 from scipy.spatial import cKDTree
 
-from cellrna_pipeline.core.spots import _fit_kernels as _k
+from cellrna_pipeline.core.spots import _kernels as _k
 
 __all__ = ["FitSettings", "SpotFit", "fit_spots", "gather"]
 

@@ -1,8 +1,9 @@
-"""Compiled loops of the joint Gaussian fit (:mod:`.fit`), one spot or window at a time.
+"""Compiled loops of the spot detector: the joint Gaussian fit (:mod:`.fit`) one spot or
+window at a time, and the cluster decomposition's flood fill (:mod:`.decompose`).
 
 The fit works on thousands of windows of 75-405 voxels; as batched numpy its time went
 to per-call overhead and temporaries, so its inner loops are numba kernels (compiled on
-first use, then cached next to this module or in ``NUMBA_CACHE_DIR``).
+first use, a few seconds, then cached next to this module or in ``NUMBA_CACHE_DIR``).
 
 Windows: spot ``i``'s window is the product grid ``centres[i] + (-r_a .. r_a)`` per axis
 ``a`` (``reach`` ``r``), flattened in C order (voxel ``q = (iz * ly + iy) * lx + ix``);
@@ -452,3 +453,30 @@ def light_covariance(data, bg, weight, zyx, centres, reach, inv2, sigma):  # typ
                 cov[i, a, b] /= total
                 cov[i, b, a] = cov[i, a, b]
     return cov
+
+
+@numba.njit(cache=True, nogil=True)
+def connected_to_centre(mask, centre):  # type: ignore[no-untyped-def]
+    """Per window of ``mask`` ``(n, kz, ky, kx)`` bool, the 26-connected component holding
+    ``centre`` (empty where ``mask`` is off there; a flood fill from the centre)."""
+    n, kz, ky, kx = mask.shape
+    out = np.zeros(mask.shape, np.bool_)
+    stack = np.empty((kz * ky * kx, 3), np.int64)
+    cz, cy, cx = centre
+    for b in range(n):
+        if not mask[b, cz, cy, cx]:
+            continue
+        out[b, cz, cy, cx] = True
+        stack[0, 0], stack[0, 1], stack[0, 2] = cz, cy, cx
+        top = 1
+        while top:
+            top -= 1
+            z, y, x = stack[top, 0], stack[top, 1], stack[top, 2]
+            for z2 in range(max(z - 1, 0), min(z + 2, kz)):
+                for y2 in range(max(y - 1, 0), min(y + 2, ky)):
+                    for x2 in range(max(x - 1, 0), min(x + 2, kx)):
+                        if mask[b, z2, y2, x2] and not out[b, z2, y2, x2]:
+                            out[b, z2, y2, x2] = True
+                            stack[top, 0], stack[top, 1], stack[top, 2] = z2, y2, x2
+                            top += 1
+    return out
