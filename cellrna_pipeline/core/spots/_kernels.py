@@ -38,29 +38,29 @@ def _factors(p, centre, reach, inv2, e, d):  # type: ignore[no-untyped-def]
 
 @numba.njit(cache=True, nogil=True)
 def _solve(a, b, x):  # type: ignore[no-untyped-def]
-    """``x = a^-1 b`` by Gaussian elimination with partial pivoting (``a``, ``b``
-    overwritten; ``a`` is a small damped normal matrix, never singular)."""
+    """``x = a^-1 b`` for a damped normal matrix ``a`` (symmetric positive definite; its
+    lower triangle is overwritten by the Cholesky factor)."""
     n = len(b)
-    for c in range(n):
-        piv = c
-        for r in range(c + 1, n):
-            if abs(a[r, c]) > abs(a[piv, c]):
-                piv = r
-        if piv != c:
-            for k in range(c, n):
-                a[c, k], a[piv, k] = a[piv, k], a[c, k]
-            b[c], b[piv] = b[piv], b[c]
-        for r in range(c + 1, n):
-            f = a[r, c] / a[c, c]
-            if f != 0.0:
-                for k in range(c, n):
-                    a[r, k] -= f * a[c, k]
-                b[r] -= f * b[c]
-    for c in range(n - 1, -1, -1):
-        s = b[c]
-        for k in range(c + 1, n):
-            s -= a[c, k] * x[k]
-        x[c] = s / a[c, c]
+    for j in range(n):
+        s = a[j, j]
+        for k in range(j):
+            s -= a[j, k] * a[j, k]
+        a[j, j] = math.sqrt(s)
+        for i in range(j + 1, n):
+            t = a[i, j]
+            for k in range(j):
+                t -= a[i, k] * a[j, k]
+            a[i, j] = t / a[j, j]
+    for i in range(n):  # L y = b
+        t = b[i]
+        for k in range(i):
+            t -= a[i, k] * x[k]
+        x[i] = t / a[i, i]
+    for i in range(n - 1, -1, -1):  # L^T x = y
+        t = x[i]
+        for k in range(i + 1, n):
+            t -= a[k, i] * x[k]
+        x[i] = t / a[i, i]
 
 
 @numba.njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
