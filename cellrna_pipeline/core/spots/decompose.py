@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from scipy import ndimage as ndi
 
 from cellrna_pipeline.core.spots import _kernels as _k
 from cellrna_pipeline.core.spots.fit import gather
@@ -81,6 +80,15 @@ def _margin(sigma: np.ndarray) -> np.ndarray:
 def _reach(sigma: np.ndarray) -> np.ndarray:
     """Half-size of a blob's window with its margin, per axis (voxels)."""
     return _grid(sigma, _HALF_SIGMAS, 1) + _margin(sigma)
+
+
+@functools.lru_cache(maxsize=32)
+def _gaussian_weights(sigma: float) -> np.ndarray:
+    """``ndimage.gaussian_filter1d``'s weights for ``sigma`` (truncated at 3 sigma)."""
+    radius = int(3.0 * sigma + 0.5)
+    x = np.arange(-radius, radius + 1)
+    w = np.exp(-0.5 / (sigma * sigma) * x**2)
+    return w / w.sum()
 
 
 def _row_nanmedian(x: np.ndarray) -> np.ndarray:
@@ -230,9 +238,17 @@ def _decompose_batch(
     # window, less work)
     smooth = raw
     for a, s in enumerate(sigma):
-        if s > 0:
-            smooth = ndi.gaussian_filter1d(smooth, s, axis=a + 1, truncate=3.0, mode="reflect")
-        smooth = smooth[tuple(crop[a + 1] if d == a + 1 else slice(None) for d in range(4))]
+        if s > 0:  # ndimage.gaussian_filter1d (truncate 3), only where the crop keeps it
+            dims = smooth.shape
+            line = np.ascontiguousarray(smooth).reshape(
+                int(np.prod(dims[: a + 1])), dims[a + 1], -1
+            )
+            keep = crop[a + 1]
+            smooth = _k.correlate_crop(
+                line, _gaussian_weights(float(s)), keep.start, keep.stop - keep.start
+            ).reshape(*dims[: a + 1], keep.stop - keep.start, *dims[a + 2 :])
+        else:
+            smooth = smooth[tuple(crop[a + 1] if d == a + 1 else slice(None) for d in range(4))]
     # mirrored voxels beyond the volume's faces only serve the smoothing
     raw, inside = raw[crop], np.broadcast_to(inside, (nb, *size))[crop]
     kshape = smooth.shape[1:]
