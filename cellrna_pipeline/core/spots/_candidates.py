@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 
@@ -93,10 +92,11 @@ class Filters:
         rb = [b // 2 for b in self.background_size]
         pad = [len(k) // 2 + b + r for k, b, r in zip(peak, rb, rr, strict=True)]
         x = np.pad(block.astype(np.float32, copy=False), [(p, p) for p in pad], mode="symmetric")
-        x = _separable(x, _correlate_valid, peak)
-        background = _separable(x, _box_valid, list(self.background_size))
+        x = _k.separable_valid(x, *peak, False)
+        box = [np.full(b, 1.0 / b, dtype=np.float32) for b in self.background_size]
+        background = _k.separable_valid(x, *box, True)
         peak_band = x[tuple(slice(b, x.shape[a] - b) for a, b in enumerate(rb))] - background
-        band = _separable(peak_band, _correlate_valid, rest)
+        band = _k.separable_valid(peak_band, *rest, False)
         core = tuple(slice(r, peak_band.shape[a] - r) for a, r in enumerate(rr))
         return peak_band[core], band
 
@@ -137,32 +137,6 @@ def _gauss_kernel(sigma: float) -> np.ndarray:
     x = np.arange(-radius, radius + 1, dtype=np.float64)
     w = np.exp(-0.5 * (x / sigma) ** 2)
     return (w / w.sum()).astype(np.float32)
-
-
-def _correlate_valid(a: np.ndarray, weights: np.ndarray, axis: int) -> np.ndarray:
-    """Correlation with symmetric ``weights`` along ``axis``, only where the kernel fits
-    (the axis shrinks by ``len(weights) - 1``); see :func:`._kernels.correlate_valid`."""
-    if len(weights) == 1:
-        return a
-    return _k.correlate_valid(np.ascontiguousarray(a), weights, axis)
-
-
-def _box_valid(a: np.ndarray, size: int, axis: int) -> np.ndarray:
-    """Mean over ``size`` voxels along ``axis``, only where the box fits (a direct sum
-    per voxel: a running sum would depend on where the line starts, and chunks would
-    differ from a single block)."""
-    if size <= 1:
-        return a
-    if axis == a.ndim - 1:
-        return _correlate_valid(a, np.full(size, 1.0 / size, dtype=np.float32), axis)
-    return _k.box_valid(np.ascontiguousarray(a), size, axis)
-
-
-def _separable(a: np.ndarray, fn: Any, kernels: list[Any]) -> np.ndarray:
-    """``fn(a, kernels[axis], axis)`` along z, then y and x."""
-    for axis, kernel in enumerate(kernels):
-        a = fn(a, kernel, axis)
-    return a
 
 
 _AXIS_OFFSETS = [(1, 0, 0), (0, 1, 0), (0, 0, 1)]

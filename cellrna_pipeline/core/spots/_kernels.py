@@ -483,86 +483,69 @@ def connected_to_centre(mask, centre):  # type: ignore[no-untyped-def]
 
 
 @numba.njit(cache=True, nogil=True)
-def correlate_valid(a, w, axis):  # type: ignore[no-untyped-def]
-    """Correlation of ``a`` ``(z, y, x)`` float32 with symmetric odd ``w`` float32 along
-    ``axis``, only where the kernel fits (the axis shrinks by ``len(w) - 1``).
-
-    The arithmetic of the numpy / scipy passes it replaced, so results are bit-identical
-    (chunked and single-block runs agree): along z and y in float32, ``w_c a_c`` plus
-    ``(a_-i + a_+i) w_i`` from the outermost pair in; along x as ``ndimage.correlate1d``
-    does it (float64 sums in the same order, rounded to float32 once).
-    """
-    r = len(w) // 2
-    nz, ny, nx = a.shape
-    if axis == 0:
-        out = np.empty((nz - 2 * r, ny, nx), np.float32)
-        for z in range(nz - 2 * r):
-            for y in range(ny):
-                o = out[z, y]
-                c = a[z + r, y]
-                for x in range(nx):
-                    o[x] = c[x] * w[r]
-                for i in range(r):
-                    lo, hi = a[z + i, y], a[z + 2 * r - i, y]
-                    for x in range(nx):
-                        o[x] += (lo[x] + hi[x]) * w[i]
-        return out
-    if axis == 1:
-        out = np.empty((nz, ny - 2 * r, nx), np.float32)
-        for z in range(nz):
-            for y in range(ny - 2 * r):
-                o = out[z, y]
-                c = a[z, y + r]
-                for x in range(nx):
-                    o[x] = c[x] * w[r]
-                for i in range(r):
-                    lo, hi = a[z, y + i], a[z, y + 2 * r - i]
-                    for x in range(nx):
-                        o[x] += (lo[x] + hi[x]) * w[i]
-        return out
-    m = nx - 2 * r
-    out = np.empty((nz, ny, m), np.float32)
-    acc = np.empty(m)
-    row = np.empty(nx)  # a row in float64 (exact), as ndimage's line buffer
-    wd = w.astype(np.float64)
-    for z in range(nz):
-        for y in range(ny):
-            row[:] = a[z, y]
-            centre = row[r : r + m]
-            for x in range(m):
-                acc[x] = centre[x] * wd[r]
-            for i in range(r):
-                lo, hi = row[i : i + m], row[2 * r - i : 2 * r - i + m]
-                for x in range(m):
-                    acc[x] += (lo[x] + hi[x]) * wd[i]
-            o = out[z, y]
-            for x in range(m):
-                o[x] = acc[x]
-    return out
+def _rows_along(src, w, box, step, dst):  # type: ignore[no-untyped-def]
+    """One float32 pass across the rows of ``src`` (row ``i`` of ``dst`` from its rows
+    ``i + t step``, ``t = 0 .. 2 r``): ``w_c a_c`` plus ``(a_-i + a_+i) w_i`` from the
+    outermost pair in, or (``box``) the plain sum of the ``len(w)`` rows times ``w[0]``."""
+    n = len(w)
+    r = n // 2
+    for i in range(len(dst)):
+        o = dst[i]
+        if box:
+            o[:] = src[i]
+            for t in range(1, n):
+                nxt = src[i + t * step]
+                for x in range(len(o)):
+                    o[x] += nxt[x]
+            for x in range(len(o)):
+                o[x] *= w[0]
+        else:
+            c = src[i + r * step]
+            for x in range(len(o)):
+                o[x] = c[x] * w[r]
+            for t in range(r):
+                lo, hi = src[i + t * step], src[i + (2 * r - t) * step]
+                for x in range(len(o)):
+                    o[x] += (lo[x] + hi[x]) * w[t]
 
 
 @numba.njit(cache=True, nogil=True)
-def box_valid(a, size, axis):  # type: ignore[no-untyped-def]
-    """Mean of ``a`` ``(z, y, x)`` float32 over ``size`` voxels along ``axis`` (z or y),
-    only where the box fits: a float32 sum from the first voxel on, times ``1 / size``
-    (as the numpy pass it replaced; along x, :func:`correlate_valid` with equal weights)."""
+def separable_valid(a, wz, wy, wx, box):  # type: ignore[no-untyped-def]
+    """Separable filter of ``a`` ``(z, y, x)`` float32 with symmetric odd float32 kernels
+    along z, y and x, only where they fit (each axis shrinks by its kernel's length - 1),
+    one output plane at a time (its intermediate planes stay in the CPU cache).
+
+    The arithmetic of the numpy / ndimage passes it replaced, so band-passes are
+    bit-identical (chunked and single-block runs agree): along z and y in float32 (see
+    :func:`_rows_along`; ``box``: a mean, the sum times ``w[0] = 1 / size``), along x as
+    ``ndimage.correlate1d`` does it (float64 sums from the outermost pair in, rounded to
+    float32 once).
+    """
+    rz, ry, rx = len(wz) // 2, len(wy) // 2, len(wx) // 2
     nz, ny, nx = a.shape
-    scale = np.float32(1.0 / size)
-    mz = nz - size + 1 if axis == 0 else nz
-    my = ny - size + 1 if axis == 1 else ny
-    out = np.empty((mz, my, nx), np.float32)
-    for z in range(mz):
-        for y in range(my):
+    out = np.empty((nz - 2 * rz, ny - 2 * ry, nx - 2 * rx), np.float32)
+    flat = a.reshape(nz * ny, nx)
+    plane = np.empty((ny, nx), np.float32)
+    rows = np.empty((ny - 2 * ry, nx), np.float32)
+    m = nx - 2 * rx
+    acc = np.empty(m)
+    line = np.empty(nx)  # a row in float64 (exact), as ndimage's line buffer
+    wd = wx.astype(np.float64)
+    for z in range(len(out)):
+        _rows_along(flat[z * ny :], wz, box, ny, plane)  # along z: rows ny apart
+        _rows_along(plane, wy, box, 1, rows)
+        for y in range(len(rows)):
+            line[:] = rows[y]
+            centre = line[rx : rx + m]
+            for x in range(m):
+                acc[x] = centre[x] * wd[rx]
+            for t in range(rx):
+                lo, hi = line[t : t + m], line[2 * rx - t : 2 * rx - t + m]
+                for x in range(m):
+                    acc[x] += (lo[x] + hi[x]) * wd[t]
             o = out[z, y]
-            first = a[z, y]
-            for x in range(nx):
-                o[x] = first[x]
-            for i in range(1, size):
-                nxt = a[z + i, y] if axis == 0 else a[z, y + i]
-                for x in range(nx):
-                    o[x] += nxt[x]
-            for x in range(nx):
-                o[x] *= scale
+            for x in range(m):
+                o[x] = acc[x]
     return out
 
 
