@@ -587,3 +587,66 @@ def correlate_crop(a, w, start, count):  # type: ignore[no-untyped-def]
             for i in range(inner):
                 dst[i] = acc[i]
     return out
+
+
+@numba.njit(cache=True, nogil=True)
+def matching_pursuit(residual, n, sigma, ref_height, stop_level):  # type: ignore[no-untyped-def]
+    """Up to ``n[b]`` spots per window of ``residual`` ``(nb, kz, ky, kx)`` float64
+    (``-inf`` outside the blob; changed in place): take the brightest voxel not taken yet
+    (the first in C order among equals), stop below ``stop_level x ref_height``, refine it
+    to sub-voxel by a parabola through its axis neighbours (axes with ``sigma > 0``; an
+    offset of at most 0.49), subtract ``ref_height`` times a Gaussian of ``sigma sqrt 2``
+    there. Returns local positions ``(m, 3)`` and each one's window ``(m,)``, window by
+    window in the order found."""
+    nb, kz, ky, kx = residual.shape
+    dims = (kz, ky, kx)
+    smooth = np.sqrt(2.0) * sigma
+    taken = np.zeros((kz, ky, kx), np.bool_)
+    pos = np.empty((max(1, int(n.sum())), 3))
+    owner = np.empty(len(pos), np.int64)
+    f = np.empty((3, max(kz, ky, kx)))
+    k = np.empty(3, np.int64)
+    m = 0
+    for b in range(nb):
+        res = residual[b]
+        taken[:] = False
+        for _ in range(n[b]):
+            best = -np.inf
+            k[:] = 0
+            for z in range(kz):
+                for y in range(ky):
+                    for x in range(kx):
+                        if not taken[z, y, x] and res[z, y, x] > best:
+                            best = res[z, y, x]
+                            k[0], k[1], k[2] = z, y, x
+            if not best >= stop_level * ref_height:
+                break
+            c = res[k[0], k[1], k[2]]
+            for a in range(3):
+                p = np.float64(k[a])
+                if sigma[a] != 0:
+                    lo = k.copy()
+                    hi = k.copy()
+                    lo[a] = max(k[a] - 1, 0)
+                    hi[a] = min(k[a] + 1, dims[a] - 1)
+                    va = res[lo[0], lo[1], lo[2]]
+                    vb = res[hi[0], hi[1], hi[2]]
+                    curv = va - 2 * c + vb
+                    if 0 < k[a] < dims[a] - 1 and np.isfinite(curv) and curv < 0:
+                        p += min(max(0.5 * (va - vb) / curv, -0.49), 0.49)
+                pos[m, a] = p
+            owner[m] = b
+            taken[k[0], k[1], k[2]] = True
+            for a in range(3):
+                for j in range(dims[a]):
+                    r = j - pos[m, a]
+                    if smooth[a] > 0:
+                        f[a, j] = np.exp(-0.5 * (r / smooth[a]) ** 2)
+                    else:
+                        f[a, j] = 1.0 if abs(r) < 0.5 else 0.0
+            for z in range(kz):
+                for y in range(ky):
+                    for x in range(kx):
+                        res[z, y, x] -= ref_height * (f[0, z] * f[1, y] * f[2, x])
+            m += 1
+    return pos[:m].copy(), owner[:m].copy()
