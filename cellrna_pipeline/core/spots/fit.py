@@ -54,6 +54,8 @@ _GATHER_TILE = (32, 128, 2048)  # lazy slice-only arrays are read one such box a
 
 
 _NONE = (np.zeros((0, 3)), np.zeros(0), np.zeros(0), np.zeros(0))  # no spots to add
+# the per-spot arrays of :class:`_Model`, all in position order
+_SPOT_ARRAYS = ("zyx", "amp", "bg", "floor", "centres", "slot", "weight")
 
 
 @dataclass(frozen=True)
@@ -224,20 +226,19 @@ class _Model:
         3)`` etc., as in :meth:`set`); the model changes only under the windows of the
         spots dropped and added. Returns the row of each kept spot, then of each new one
         (spots stay in position order)."""
-        gone = np.flatnonzero(~keep)
-        self._add(gone, -1.0)
+        self._add(np.flatnonzero(~keep), -1.0)
+        if not len(zyx):  # only removals: the kept spots stay in position order
+            for name in _SPOT_ARRAYS:
+                setattr(self, name, getattr(self, name)[keep])
+            return np.arange(len(self.zyx))
         centres = np.rint(zyx).astype(np.int64)
         slot, weight = self._windows(centres)
         self._grow_model()
-        all_zyx = np.concatenate([self.zyx[keep], np.asarray(zyx, dtype=np.float64)])
+        new = (np.asarray(zyx, dtype=np.float64), amp, bg, floor, centres, slot, weight)
+        all_zyx = np.concatenate([self.zyx[keep], new[0]])
         order = np.lexsort((all_zyx[:, 2], all_zyx[:, 1], all_zyx[:, 0]))
-        self.zyx = all_zyx[order]
-        self.amp = np.concatenate([self.amp[keep], amp])[order]
-        self.bg = np.concatenate([self.bg[keep], bg])[order]
-        self.floor = np.concatenate([self.floor[keep], floor])[order]
-        self.centres = np.concatenate([self.centres[keep], centres])[order]
-        self.slot = np.concatenate([self.slot[keep], slot])[order]
-        self.weight = np.concatenate([self.weight[keep], weight])[order]
+        for name, added in zip(_SPOT_ARRAYS, new, strict=True):
+            setattr(self, name, np.concatenate([getattr(self, name)[keep], added])[order])
         rows = np.empty(len(order), dtype=np.int64)
         rows[order] = np.arange(len(order))
         self._add(rows[len(order) - len(zyx) :], 1.0)
