@@ -92,11 +92,11 @@ class Filters:
         rb = [b // 2 for b in self.background_size]
         pad = [len(k) // 2 + b + r for k, b, r in zip(peak, rb, rr, strict=True)]
         x = np.pad(block.astype(np.float32, copy=False), [(p, p) for p in pad], mode="symmetric")
-        x = _k.separable_valid(x, *peak, False)
+        x = _k.separable_valid(x, peak[0], peak[1], peak[2], False)
         box = [np.full(b, 1.0 / b, dtype=np.float32) for b in self.background_size]
-        background = _k.separable_valid(x, *box, True)
+        background = _k.separable_valid(x, box[0], box[1], box[2], True)
         peak_band = x[tuple(slice(b, x.shape[a] - b) for a, b in enumerate(rb))] - background
-        band = _k.separable_valid(peak_band, *rest, False)
+        band = _k.separable_valid(peak_band, rest[0], rest[1], rest[2], False)
         core = tuple(slice(r, peak_band.shape[a] - r) for a, r in enumerate(rr))
         return peak_band[core], band
 

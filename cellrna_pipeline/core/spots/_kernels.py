@@ -26,7 +26,14 @@ _TWO = 9  # parameters of a two-spot fit: [a1, z1, y1, x1, a2, z2, y2, x2, backg
 
 
 @numba.njit(cache=True, nogil=True)
-def _factors(p, centre, reach, inv2, e, d):  # type: ignore[no-untyped-def]
+def _factors(
+    p: np.ndarray,
+    centre: np.ndarray,
+    reach: np.ndarray,
+    inv2: np.ndarray,
+    e: np.ndarray,
+    d: np.ndarray,
+) -> None:
     """1-D factors of the Gaussian at ``p`` on the window at ``centre``: ``e[a, j]`` and
     ``d[a, j] = u inv2`` at offset ``j - reach[a]`` of axis ``a``."""
     for a in range(3):
@@ -37,7 +44,7 @@ def _factors(p, centre, reach, inv2, e, d):  # type: ignore[no-untyped-def]
 
 
 @numba.njit(cache=True, nogil=True)
-def _solve(a, b, x):  # type: ignore[no-untyped-def]
+def _solve(a: np.ndarray, b: np.ndarray, x: np.ndarray) -> None:
     """``x = a^-1 b`` for a damped normal matrix ``a`` (symmetric positive definite; its
     lower triangle is overwritten by the Cholesky factor)."""
     n = len(b)
@@ -64,7 +71,7 @@ def _solve(a, b, x):  # type: ignore[no-untyped-def]
 
 
 @numba.njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
-def _gram(jac, r, jtj, jtr):  # type: ignore[no-untyped-def]
+def _gram(jac: np.ndarray, r: np.ndarray, jtj: np.ndarray, jtr: np.ndarray) -> None:
     """Upper triangle of ``jac jac^T`` and ``jac r`` (``jac`` ``(m, k)``, ``r`` ``(k,)``);
     sums in any order (SIMD)."""
     m, k = jac.shape
@@ -81,7 +88,7 @@ def _gram(jac, r, jtj, jtr):  # type: ignore[no-untyped-def]
 
 
 @numba.njit(cache=True, nogil=True)
-def _damp(jtj, lam):  # type: ignore[no-untyped-def]
+def _damp(jtj: np.ndarray, lam: float) -> None:
     """Mirror the upper triangle and add Marquardt damping ``lam`` (plus ``EPS``)."""
     n = len(jtj)
     for r in range(n):
@@ -91,7 +98,18 @@ def _damp(jtj, lam):  # type: ignore[no-untyped-def]
 
 
 @numba.njit(cache=True, nogil=True)
-def add_spots(rows, sign, zyx, amp, centres, slot, weight, reach, inv2, model):  # type: ignore[no-untyped-def]
+def add_spots(
+    rows: np.ndarray,
+    sign: float,
+    zyx: np.ndarray,
+    amp: np.ndarray,
+    centres: np.ndarray,
+    slot: np.ndarray,
+    weight: np.ndarray,
+    reach: np.ndarray,
+    inv2: np.ndarray,
+    model: np.ndarray,
+) -> None:
     """``model[slot] += sign * amp * g * weight`` on the windows of ``rows``."""
     lz, ly, lx = 2 * reach[0] + 1, 2 * reach[1] + 1, 2 * reach[2] + 1
     e = np.empty((3, max(lz, ly, lx)))
@@ -111,7 +129,18 @@ def add_spots(rows, sign, zyx, amp, centres, slot, weight, reach, inv2, model): 
 
 
 @numba.njit(cache=True, nogil=True)
-def window_data(rows, zyx, amp, centres, slot, weight, reach, inv2, vals, model):  # type: ignore[no-untyped-def]
+def window_data(
+    rows: np.ndarray,
+    zyx: np.ndarray,
+    amp: np.ndarray,
+    centres: np.ndarray,
+    slot: np.ndarray,
+    weight: np.ndarray,
+    reach: np.ndarray,
+    inv2: np.ndarray,
+    vals: np.ndarray,
+    model: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray]:
     """Image minus every other spot on the windows of ``rows`` and the unit Gaussians,
     ``(n, k)`` float64 each."""
     lz, ly, lx = 2 * reach[0] + 1, 2 * reach[1] + 1, 2 * reach[2] + 1
@@ -135,7 +164,21 @@ def window_data(rows, zyx, amp, centres, slot, weight, reach, inv2, vals, model)
 
 
 @numba.njit(cache=True, nogil=True)
-def sweep(order, zyx, amp, bg, centres, slot, weight, reach, inv2, lim, damping, vals, model):  # type: ignore[no-untyped-def]
+def sweep(
+    order: np.ndarray,
+    zyx: np.ndarray,
+    amp: np.ndarray,
+    bg: np.ndarray,
+    centres: np.ndarray,
+    slot: np.ndarray,
+    weight: np.ndarray,
+    reach: np.ndarray,
+    inv2: np.ndarray,
+    lim: np.ndarray,
+    damping: float,
+    vals: np.ndarray,
+    model: np.ndarray,
+) -> None:
     """One Gauss-Seidel sweep over the spots ``order`` (class after class): a damped
     Gauss-Newton step on each spot's ``(a, b, p)`` against the residual of the whole
     model, then the model updated under its window. ``zyx``, ``amp``, ``bg`` and
@@ -195,7 +238,7 @@ def sweep(order, zyx, amp, bg, centres, slot, weight, reach, inv2, lim, damping,
 
 
 @numba.njit(cache=True, nogil=True)
-def _one_spot_chi2(data, g, sw):  # type: ignore[no-untyped-def]
+def _one_spot_chi2(data: np.ndarray, g: np.ndarray, sw: np.ndarray) -> float:
     """Weighted residual sum of squares of ``c0 g + c1`` with ``(c0, c1)`` solved under
     the weights ``sw^2`` (normal matrix plus ``EPS``)."""
     m = np.zeros((2, 2))
@@ -218,7 +261,17 @@ def _one_spot_chi2(data, g, sw):  # type: ignore[no-untyped-def]
 
 
 @numba.njit(cache=True, nogil=True)
-def _two_spot_resid(p, data, sw, centre, reach, inv2, e, d, resid):  # type: ignore[no-untyped-def]
+def _two_spot_resid(
+    p: np.ndarray,
+    data: np.ndarray,
+    sw: np.ndarray,
+    centre: np.ndarray,
+    reach: np.ndarray,
+    inv2: np.ndarray,
+    e: np.ndarray,
+    d: np.ndarray,
+    resid: np.ndarray,
+) -> float:
     """Weighted residuals of two Gaussians and a background ``p`` (``resid``, ``(k,)``),
     their 1-D factors ``e``, ``d`` ``(2, 3, l)``; returns the sum of squares."""
     lz, ly, lx = 2 * reach[0] + 1, 2 * reach[1] + 1, 2 * reach[2] + 1
@@ -239,7 +292,17 @@ def _two_spot_resid(p, data, sw, centre, reach, inv2, e, d, resid):  # type: ign
 
 
 @numba.njit(cache=True, nogil=True)
-def split_fits(data, g, sw, start, centres, reach, inv2, sigma, settings):  # type: ignore[no-untyped-def]
+def split_fits(
+    data: np.ndarray,
+    g: np.ndarray,
+    sw: np.ndarray,
+    start: np.ndarray,
+    centres: np.ndarray,
+    reach: np.ndarray,
+    inv2: np.ndarray,
+    sigma: np.ndarray,
+    settings: tuple[float, float, float, float],
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The split test's fits on ``n`` windows: one Gaussian (at its fitted centre) and
     two (Levenberg-Marquardt), each with a background.
 
@@ -337,7 +400,7 @@ def split_fits(data, g, sw, start, centres, reach, inv2, sigma, settings):  # ty
 
 
 @numba.njit(cache=True, nogil=True)
-def greedy_colours(pairs, key):  # type: ignore[no-untyped-def]
+def greedy_colours(pairs: np.ndarray, key: np.ndarray) -> np.ndarray:
     """Colours of a graph's nodes (``pairs`` ``(m, 2)`` int64 edges, ``key`` ``(n,)``
     distinct priorities): in order of decreasing key, each node takes the smallest colour
     none of its neighbours of higher key has (the colouring Jones-Plassmann's rounds give).
@@ -372,7 +435,7 @@ def greedy_colours(pairs, key):  # type: ignore[no-untyped-def]
 
 
 @numba.njit(cache=True, nogil=True)
-def overlapping(a, b, span):  # type: ignore[no-untyped-def]
+def overlapping(a: np.ndarray, b: np.ndarray, span: np.ndarray) -> np.ndarray:
     """Pairs ``(i, j)`` ``(m, 2)`` int64 with ``|a[i] - b[j]| <= span`` on every axis
     (``a`` ``(n, 3)``, ``b`` ``(p, 3)`` int64 voxels; ``span`` ``(3,)``): ``b`` sorted by
     ``(z, y)``, each ``a[i]`` looks up the ``2 span_z + 1`` runs of rows it can reach."""
@@ -404,7 +467,16 @@ def overlapping(a, b, span):  # type: ignore[no-untyped-def]
 
 
 @numba.njit(cache=True, nogil=True)
-def light_covariance(data, bg, weight, zyx, centres, reach, inv2, sigma):  # type: ignore[no-untyped-def]
+def light_covariance(
+    data: np.ndarray,
+    bg: np.ndarray,
+    weight: np.ndarray,
+    zyx: np.ndarray,
+    centres: np.ndarray,
+    reach: np.ndarray,
+    inv2: np.ndarray,
+    sigma: np.ndarray,
+) -> np.ndarray:
     """Covariance ``(n, 3, 3)`` of the positions ``(v - p) / sigma`` (0 on an axis
     without extent) weighted by each window's light ``max(data - bg, 0) * weight``
     (``data``, ``weight`` ``(n, k)``; ``bg`` ``(n,)``; ``zyx`` ``(n, 3)`` the spots,
@@ -456,7 +528,7 @@ def light_covariance(data, bg, weight, zyx, centres, reach, inv2, sigma):  # typ
 
 
 @numba.njit(cache=True, nogil=True)
-def connected_to_centre(mask, centre):  # type: ignore[no-untyped-def]
+def connected_to_centre(mask: np.ndarray, centre: tuple[int, ...]) -> np.ndarray:
     """Per window of ``mask`` ``(n, kz, ky, kx)`` bool, the 26-connected component holding
     ``centre`` (empty where ``mask`` is off there; a flood fill from the centre)."""
     n, kz, ky, kx = mask.shape
@@ -483,7 +555,7 @@ def connected_to_centre(mask, centre):  # type: ignore[no-untyped-def]
 
 
 @numba.njit(cache=True, nogil=True)
-def _rows_along(src, w, box, step, dst):  # type: ignore[no-untyped-def]
+def _rows_along(src: np.ndarray, w: np.ndarray, box: bool, step: int, dst: np.ndarray) -> None:
     """One float32 pass across the rows of ``src`` (row ``i`` of ``dst`` from its rows
     ``i + t step``, ``t = 0 .. 2 r``): ``w_c a_c`` plus ``(a_-i + a_+i) w_i`` from the
     outermost pair in, or (``box``) the plain sum of the ``len(w)`` rows times ``w[0]``."""
@@ -510,7 +582,9 @@ def _rows_along(src, w, box, step, dst):  # type: ignore[no-untyped-def]
 
 
 @numba.njit(cache=True, nogil=True)
-def separable_valid(a, wz, wy, wx, box):  # type: ignore[no-untyped-def]
+def separable_valid(
+    a: np.ndarray, wz: np.ndarray, wy: np.ndarray, wx: np.ndarray, box: bool
+) -> np.ndarray:
     """Separable filter of ``a`` ``(z, y, x)`` float32 with symmetric odd float32 kernels
     along z, y and x, only where they fit (each axis shrinks by its kernel's length - 1),
     one output plane at a time (its intermediate planes stay in the CPU cache).
@@ -550,7 +624,7 @@ def separable_valid(a, wz, wy, wx, box):  # type: ignore[no-untyped-def]
 
 
 @numba.njit(cache=True, nogil=True)
-def correlate_crop(a, w, start, count):  # type: ignore[no-untyped-def]
+def correlate_crop(a: np.ndarray, w: np.ndarray, start: int, count: int) -> np.ndarray:
     """``ndimage.correlate1d(a, w, axis=1)[:, start : start + count]`` for ``a`` ``(outer,
     n, inner)`` float32 and symmetric odd float64 ``w`` whose reach stays inside ``a``
     there (so the boundary mode never applies): the same float64 sums, in the same order
@@ -590,7 +664,9 @@ def correlate_crop(a, w, start, count):  # type: ignore[no-untyped-def]
 
 
 @numba.njit(cache=True, nogil=True)
-def matching_pursuit(residual, n, sigma, ref_height, stop_level):  # type: ignore[no-untyped-def]
+def matching_pursuit(
+    residual: np.ndarray, n: np.ndarray, sigma: np.ndarray, ref_height: float, stop_level: float
+) -> tuple[np.ndarray, np.ndarray]:
     """Up to ``n[b]`` spots per window of ``residual`` ``(nb, kz, ky, kx)`` float64
     (``-inf`` outside the blob; changed in place): take the brightest voxel not taken yet
     (the first in C order among equals), stop below ``stop_level x ref_height``, refine it

@@ -124,7 +124,7 @@ def _connected_to_centre(mask: np.ndarray, centre: tuple[int, ...]) -> np.ndarra
     """Per blob, the component of ``mask`` ``(nb, kz, ky, kx)`` holding ``centre``
     (26-connected within a blob, never across blobs)."""
     out = _k.connected_to_centre(np.ascontiguousarray(mask), centre)
-    out[(slice(None), *centre)] = True  # an empty blob keeps its peak
+    out[:, centre[0], centre[1], centre[2]] = True  # an empty blob keeps its peak
     return out
 
 

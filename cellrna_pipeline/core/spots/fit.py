@@ -472,10 +472,10 @@ def _split_fit(
     data, g = model.window_data(rows)
     sqrt_w = _weights(model, rows, noise_var, gain)
     start = _split_start(model, rows, data)
-    settings = (_LM_ITERATIONS, _LM_TOLERANCE, _LM_HOPELESS_AFTER, min_gain)
+    settings = (float(_LM_ITERATIONS), _LM_TOLERANCE, float(_LM_HOPELESS_AFTER), float(min_gain))
     return _k.split_fits(
         data, g, sqrt_w, start, model.centres[rows], model.reach, model.inv2, model.sigma,
-        tuple(float(v) for v in settings),
+        settings,
     )  # fmt: skip
 
 
