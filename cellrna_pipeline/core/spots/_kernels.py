@@ -22,10 +22,22 @@ import numba
 import numpy as np
 
 EPS = 1e-9
+
+
+def _probe() -> None:
+    """A function to find out whether numba can cache compiled code for this module."""
+
+
+try:  # numba raises at decoration when no cache directory is writable (a read-only
+    # install without a writable home): then the kernels compile in memory each run
+    numba.njit(cache=True)(_probe)
+    _CACHE = True
+except RuntimeError:
+    _CACHE = False
 _TWO = 9  # parameters of a two-spot fit: [a1, z1, y1, x1, a2, z2, y2, x2, background]
 
 
-@numba.njit(cache=True, nogil=True)
+@numba.njit(cache=_CACHE, nogil=True)
 def _factors(
     p: np.ndarray,
     centre: np.ndarray,
@@ -43,7 +55,7 @@ def _factors(
             d[a, j] = u * inv2[a]
 
 
-@numba.njit(cache=True, nogil=True)
+@numba.njit(cache=_CACHE, nogil=True)
 def _solve(a: np.ndarray, b: np.ndarray, x: np.ndarray) -> None:
     """``x = a^-1 b`` for a damped normal matrix ``a`` (symmetric positive definite; its
     lower triangle is overwritten by the Cholesky factor)."""
@@ -70,7 +82,7 @@ def _solve(a: np.ndarray, b: np.ndarray, x: np.ndarray) -> None:
         x[i] = t / a[i, i]
 
 
-@numba.njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
+@numba.njit(cache=_CACHE, nogil=True, fastmath={"reassoc", "contract"})
 def _gram(jac: np.ndarray, r: np.ndarray, jtj: np.ndarray, jtr: np.ndarray) -> None:
     """Upper triangle of ``jac jac^T`` and ``jac r`` (``jac`` ``(m, k)``, ``r`` ``(k,)``);
     sums in any order (SIMD)."""
@@ -87,7 +99,7 @@ def _gram(jac: np.ndarray, r: np.ndarray, jtj: np.ndarray, jtr: np.ndarray) -> N
             jtj[u, v] = s
 
 
-@numba.njit(cache=True, nogil=True)
+@numba.njit(cache=_CACHE, nogil=True)
 def _damp(jtj: np.ndarray, lam: float) -> None:
     """Mirror the upper triangle and add Marquardt damping ``lam`` (plus ``EPS``)."""
     n = len(jtj)
@@ -97,7 +109,7 @@ def _damp(jtj: np.ndarray, lam: float) -> None:
         jtj[r, r] += lam * jtj[r, r] + EPS
 
 
-@numba.njit(cache=True, nogil=True)
+@numba.njit(cache=_CACHE, nogil=True)
 def add_spots(
     rows: np.ndarray,
     sign: float,
@@ -128,7 +140,7 @@ def add_spots(
                     q += 1
 
 
-@numba.njit(cache=True, nogil=True)
+@numba.njit(cache=_CACHE, nogil=True)
 def window_data(
     rows: np.ndarray,
     zyx: np.ndarray,
@@ -163,7 +175,7 @@ def window_data(
     return data, gauss
 
 
-@numba.njit(cache=True, nogil=True)
+@numba.njit(cache=_CACHE, nogil=True)
 def sweep(
     order: np.ndarray,
     zyx: np.ndarray,
@@ -237,7 +249,7 @@ def sweep(
                     q += 1
 
 
-@numba.njit(cache=True, nogil=True)
+@numba.njit(cache=_CACHE, nogil=True)
 def _one_spot_chi2(data: np.ndarray, g: np.ndarray, sw: np.ndarray) -> float:
     """Weighted residual sum of squares of ``c0 g + c1`` with ``(c0, c1)`` solved under
     the weights ``sw^2`` (normal matrix plus ``EPS``)."""
@@ -260,7 +272,7 @@ def _one_spot_chi2(data: np.ndarray, g: np.ndarray, sw: np.ndarray) -> float:
     return chi2
 
 
-@numba.njit(cache=True, nogil=True)
+@numba.njit(cache=_CACHE, nogil=True)
 def _two_spot_resid(
     p: np.ndarray,
     data: np.ndarray,
@@ -291,7 +303,7 @@ def _two_spot_resid(
     return cost
 
 
-@numba.njit(cache=True, nogil=True)
+@numba.njit(cache=_CACHE, nogil=True)
 def split_fits(
     data: np.ndarray,
     g: np.ndarray,
@@ -399,7 +411,7 @@ def split_fits(
     return params, chi2_one, chi2_two
 
 
-@numba.njit(cache=True, nogil=True)
+@numba.njit(cache=_CACHE, nogil=True)
 def greedy_colours(pairs: np.ndarray, key: np.ndarray) -> np.ndarray:
     """Colours of a graph's nodes (``pairs`` ``(m, 2)`` int64 edges, ``key`` ``(n,)``
     distinct priorities): in order of decreasing key, each node takes the smallest colour
@@ -434,7 +446,7 @@ def greedy_colours(pairs: np.ndarray, key: np.ndarray) -> np.ndarray:
     return colour
 
 
-@numba.njit(cache=True, nogil=True)
+@numba.njit(cache=_CACHE, nogil=True)
 def overlapping(a: np.ndarray, b: np.ndarray, span: np.ndarray) -> np.ndarray:
     """Pairs ``(i, j)`` ``(m, 2)`` int64 with ``|a[i] - b[j]| <= span`` on every axis
     (``a`` ``(n, 3)``, ``b`` ``(p, 3)`` int64 voxels; ``span`` ``(3,)``): ``b`` sorted by
@@ -466,7 +478,7 @@ def overlapping(a: np.ndarray, b: np.ndarray, span: np.ndarray) -> np.ndarray:
     return out[:m].copy()
 
 
-@numba.njit(cache=True, nogil=True)
+@numba.njit(cache=_CACHE, nogil=True)
 def light_covariance(
     data: np.ndarray,
     bg: np.ndarray,
@@ -527,7 +539,7 @@ def light_covariance(
     return cov
 
 
-@numba.njit(cache=True, nogil=True)
+@numba.njit(cache=_CACHE, nogil=True)
 def connected_to_centre(mask: np.ndarray, centre: tuple[int, ...]) -> np.ndarray:
     """Per window of ``mask`` ``(n, kz, ky, kx)`` bool, the 26-connected component holding
     ``centre`` (empty where ``mask`` is off there; a flood fill from the centre)."""
@@ -554,7 +566,7 @@ def connected_to_centre(mask: np.ndarray, centre: tuple[int, ...]) -> np.ndarray
     return out
 
 
-@numba.njit(cache=True, nogil=True)
+@numba.njit(cache=_CACHE, nogil=True)
 def _rows_along(src: np.ndarray, w: np.ndarray, box: bool, step: int, dst: np.ndarray) -> None:
     """One float32 pass across the rows of ``src`` (row ``i`` of ``dst`` from its rows
     ``i + t step``, ``t = 0 .. 2 r``): ``w_c a_c`` plus ``(a_-i + a_+i) w_i`` from the
@@ -581,7 +593,7 @@ def _rows_along(src: np.ndarray, w: np.ndarray, box: bool, step: int, dst: np.nd
                     o[x] += (lo[x] + hi[x]) * w[t]
 
 
-@numba.njit(cache=True, nogil=True)
+@numba.njit(cache=_CACHE, nogil=True)
 def separable_valid(
     a: np.ndarray, wz: np.ndarray, wy: np.ndarray, wx: np.ndarray, box: bool
 ) -> np.ndarray:
@@ -623,7 +635,7 @@ def separable_valid(
     return out
 
 
-@numba.njit(cache=True, nogil=True)
+@numba.njit(cache=_CACHE, nogil=True)
 def correlate_crop(a: np.ndarray, w: np.ndarray, start: int, count: int) -> np.ndarray:
     """``ndimage.correlate1d(a, w, axis=1)[:, start : start + count]`` for ``a`` ``(outer,
     n, inner)`` float32 and symmetric odd float64 ``w`` whose reach stays inside ``a``
@@ -663,7 +675,7 @@ def correlate_crop(a: np.ndarray, w: np.ndarray, start: int, count: int) -> np.n
     return out
 
 
-@numba.njit(cache=True, nogil=True)
+@numba.njit(cache=_CACHE, nogil=True)
 def matching_pursuit(
     residual: np.ndarray, n: np.ndarray, sigma: np.ndarray, ref_height: float, stop_level: float
 ) -> tuple[np.ndarray, np.ndarray]:
