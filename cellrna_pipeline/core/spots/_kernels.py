@@ -39,13 +39,9 @@ _TWO = 9  # parameters of a two-spot fit: [a1, z1, y1, x1, a2, z2, y2, x2, backg
 
 @numba.njit(cache=_CACHE, nogil=True)
 def _factors(
-    p: np.ndarray,
-    centre: np.ndarray,
-    reach: np.ndarray,
-    inv2: np.ndarray,
-    e: np.ndarray,
+    p: np.ndarray, centre: np.ndarray, reach: np.ndarray, inv2: np.ndarray, e: np.ndarray,
     d: np.ndarray,
-) -> None:
+) -> None:  # fmt: skip
     """1-D factors of the Gaussian at ``p`` on the window at ``centre``: ``e[a, j]`` and
     ``d[a, j] = u inv2`` at offset ``j - reach[a]`` of axis ``a``."""
     for a in range(3):
@@ -111,17 +107,10 @@ def _damp(jtj: np.ndarray, lam: float) -> None:
 
 @numba.njit(cache=_CACHE, nogil=True)
 def add_spots(
-    rows: np.ndarray,
-    sign: float,
-    zyx: np.ndarray,
-    amp: np.ndarray,
-    centres: np.ndarray,
-    slot: np.ndarray,
-    weight: np.ndarray,
-    reach: np.ndarray,
-    inv2: np.ndarray,
+    rows: np.ndarray, sign: float, zyx: np.ndarray, amp: np.ndarray, centres: np.ndarray,
+    slot: np.ndarray, weight: np.ndarray, reach: np.ndarray, inv2: np.ndarray,
     model: np.ndarray,
-) -> None:
+) -> None:  # fmt: skip
     """``model[slot] += sign * amp * g * weight`` on the windows of ``rows``."""
     lz, ly, lx = 2 * reach[0] + 1, 2 * reach[1] + 1, 2 * reach[2] + 1
     e = np.empty((3, max(lz, ly, lx)))
@@ -142,17 +131,10 @@ def add_spots(
 
 @numba.njit(cache=_CACHE, nogil=True)
 def window_data(
-    rows: np.ndarray,
-    zyx: np.ndarray,
-    amp: np.ndarray,
-    centres: np.ndarray,
-    slot: np.ndarray,
-    weight: np.ndarray,
-    reach: np.ndarray,
-    inv2: np.ndarray,
-    vals: np.ndarray,
+    rows: np.ndarray, zyx: np.ndarray, amp: np.ndarray, centres: np.ndarray, slot: np.ndarray,
+    weight: np.ndarray, reach: np.ndarray, inv2: np.ndarray, vals: np.ndarray,
     model: np.ndarray,
-) -> tuple[np.ndarray, np.ndarray]:
+) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
     """Image minus every other spot on the windows of ``rows`` and the unit Gaussians,
     ``(n, k)`` float64 each."""
     lz, ly, lx = 2 * reach[0] + 1, 2 * reach[1] + 1, 2 * reach[2] + 1
@@ -177,20 +159,10 @@ def window_data(
 
 @numba.njit(cache=_CACHE, nogil=True)
 def sweep(
-    order: np.ndarray,
-    zyx: np.ndarray,
-    amp: np.ndarray,
-    bg: np.ndarray,
-    centres: np.ndarray,
-    slot: np.ndarray,
-    weight: np.ndarray,
-    reach: np.ndarray,
-    inv2: np.ndarray,
-    lim: np.ndarray,
-    damping: float,
-    vals: np.ndarray,
-    model: np.ndarray,
-) -> None:
+    order: np.ndarray, zyx: np.ndarray, amp: np.ndarray, bg: np.ndarray, centres: np.ndarray,
+    slot: np.ndarray, weight: np.ndarray, reach: np.ndarray, inv2: np.ndarray, lim: np.ndarray,
+    damping: float, vals: np.ndarray, model: np.ndarray,
+) -> None:  # fmt: skip
     """One Gauss-Seidel sweep over the spots ``order`` (class after class): a damped
     Gauss-Newton step on each spot's ``(a, b, p)`` against the residual of the whole
     model, then the model updated under its window. ``zyx``, ``amp``, ``bg`` and
@@ -274,16 +246,9 @@ def _one_spot_chi2(data: np.ndarray, g: np.ndarray, sw: np.ndarray) -> float:
 
 @numba.njit(cache=_CACHE, nogil=True)
 def _two_spot_resid(
-    p: np.ndarray,
-    data: np.ndarray,
-    sw: np.ndarray,
-    centre: np.ndarray,
-    reach: np.ndarray,
-    inv2: np.ndarray,
-    e: np.ndarray,
-    d: np.ndarray,
-    resid: np.ndarray,
-) -> float:
+    p: np.ndarray, data: np.ndarray, sw: np.ndarray, centre: np.ndarray, reach: np.ndarray,
+    inv2: np.ndarray, e: np.ndarray, d: np.ndarray, resid: np.ndarray,
+) -> float:  # fmt: skip
     """Weighted residuals of two Gaussians and a background ``p`` (``resid``, ``(k,)``),
     their 1-D factors ``e``, ``d`` ``(2, 3, l)``; returns the sum of squares."""
     lz, ly, lx = 2 * reach[0] + 1, 2 * reach[1] + 1, 2 * reach[2] + 1
@@ -305,16 +270,10 @@ def _two_spot_resid(
 
 @numba.njit(cache=_CACHE, nogil=True)
 def split_fits(
-    data: np.ndarray,
-    g: np.ndarray,
-    sw: np.ndarray,
-    start: np.ndarray,
-    centres: np.ndarray,
-    reach: np.ndarray,
-    inv2: np.ndarray,
-    sigma: np.ndarray,
+    data: np.ndarray, g: np.ndarray, sw: np.ndarray, start: np.ndarray, centres: np.ndarray,
+    reach: np.ndarray, inv2: np.ndarray, sigma: np.ndarray,
     settings: tuple[float, float, float, float],
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # fmt: skip
     """The split test's fits on ``n`` windows: one Gaussian (at its fitted centre) and
     two (Levenberg-Marquardt), each with a background.
 
@@ -480,15 +439,9 @@ def overlapping(a: np.ndarray, b: np.ndarray, span: np.ndarray) -> np.ndarray:
 
 @numba.njit(cache=_CACHE, nogil=True)
 def light_covariance(
-    data: np.ndarray,
-    bg: np.ndarray,
-    weight: np.ndarray,
-    zyx: np.ndarray,
-    centres: np.ndarray,
-    reach: np.ndarray,
-    inv2: np.ndarray,
-    sigma: np.ndarray,
-) -> np.ndarray:
+    data: np.ndarray, bg: np.ndarray, weight: np.ndarray, zyx: np.ndarray, centres: np.ndarray,
+    reach: np.ndarray, inv2: np.ndarray, sigma: np.ndarray,
+) -> np.ndarray:  # fmt: skip
     """Covariance ``(n, 3, 3)`` of the positions ``(v - p) / sigma`` (0 on an axis
     without extent) weighted by each window's light ``max(data - bg, 0) * weight``
     (``data``, ``weight`` ``(n, k)``; ``bg`` ``(n,)``; ``zyx`` ``(n, 3)`` the spots,
