@@ -1,9 +1,12 @@
-"""Compiled loops of the spot detector: the joint Gaussian fit (:mod:`.fit`) one spot or
-window at a time, and the cluster decomposition's flood fill (:mod:`.decompose`).
+"""Compiled loops of the spot detector (numba): the band-pass's separable passes
+(:mod:`._candidates`), the cluster decomposition's smoothing, flood fill and matching
+pursuit (:mod:`.decompose`), and the joint Gaussian fit (:mod:`.fit`) one spot or window
+at a time, with its colouring and overlap look-ups.
 
 The fit works on thousands of windows of 75-405 voxels; as batched numpy its time went
-to per-call overhead and temporaries, so its inner loops are numba kernels (compiled on
-first use, a few seconds, then cached next to this module or in ``NUMBA_CACHE_DIR``).
+to per-call overhead and temporaries. Kernels compile on first use (about 19 s for all,
+once) and are cached next to this module, in ``NUMBA_CACHE_DIR`` or in numba's user-wide
+cache; where no cache directory is writable they compile in memory each run.
 
 Windows: spot ``i``'s window is the product grid ``centres[i] + (-r_a .. r_a)`` per axis
 ``a`` (``reach`` ``r``), flattened in C order (voxel ``q = (iz * ly + iy) * lx + ix``);
@@ -11,7 +14,9 @@ Windows: spot ``i``'s window is the product grid ``centres[i] + (-r_a .. r_a)`` 
 ``model``, and ``weight[i, q]`` is 1 inside the volume and 0 outside. A unit Gaussian
 centred at ``p`` is the product of three 1-D factors ``exp(-u_a^2 inv2_a / 2)``, ``u_a =
 v_a - p_a`` (``inv2_a = 1 / sigma_a^2``, 0 on an axis without extent); its derivative in
-``p_a`` is the Gaussian times ``u_a inv2_a``. Everything is float64.
+``p_a`` is the Gaussian times ``u_a inv2_a``. The fit computes in float64; the filter
+passes keep the float32 / float64 arithmetic of the numpy and ``scipy.ndimage`` passes
+they replaced (bit-identical results).
 """
 
 from __future__ import annotations

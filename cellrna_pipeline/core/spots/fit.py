@@ -23,7 +23,8 @@ follows crowded-field photometry (DAOPHOT's ALLSTAR and its successors):
 
 Everything works on the image values under the windows, read point-wise from the (maybe
 lazy, chunked) volume, so memory is bounded by the number of spots and the result does
-not depend on chunking (spots are processed in position order).
+not depend on chunking (spots are processed in position order). The per-spot and
+per-window loops are numba kernels (:mod:`._kernels`).
 """
 
 from __future__ import annotations
