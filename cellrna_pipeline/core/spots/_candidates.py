@@ -2,17 +2,18 @@
 
 Everything here depends only on a bounded neighbourhood of each voxel, so a block read
 with a halo of :func:`halo_depth` voxels gives, in its core, exactly the values of a
-whole-volume run (``scipy.ndimage`` ``reflect`` borders apply only at the volume edges).
+whole-volume run (mirrored, as ``scipy.ndimage``'s ``reflect`` mode does, only at the
+volume edges). The filter passes are numba loops (:mod:`._kernels`).
 """
 
 from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
-from scipy import ndimage as ndi
+
+from cellrna_pipeline.core.spots import _kernels as _k
 
 GAUSS_TRUNCATE = 3.0
 NOISE_STRIDE_YX = 4  # noise sample: every voxel with y % 4 == 0 and x % 4 == 0 ...
@@ -91,10 +92,11 @@ class Filters:
         rb = [b // 2 for b in self.background_size]
         pad = [len(k) // 2 + b + r for k, b, r in zip(peak, rb, rr, strict=True)]
         x = np.pad(block.astype(np.float32, copy=False), [(p, p) for p in pad], mode="symmetric")
-        x = _separable(x, _correlate_valid, peak)
-        background = _separable(x, _box_valid, list(self.background_size))
+        x = _k.separable_valid(x, peak[0], peak[1], peak[2], False)
+        box = [np.full(b, 1.0 / b, dtype=np.float32) for b in self.background_size]
+        background = _k.separable_valid(x, box[0], box[1], box[2], True)
         peak_band = x[tuple(slice(b, x.shape[a] - b) for a, b in enumerate(rb))] - background
-        band = _separable(peak_band, _correlate_valid, rest)
+        band = _k.separable_valid(peak_band, rest[0], rest[1], rest[2], False)
         core = tuple(slice(r, peak_band.shape[a] - r) for a, r in enumerate(rr))
         return peak_band[core], band
 
@@ -135,77 +137,6 @@ def _gauss_kernel(sigma: float) -> np.ndarray:
     x = np.arange(-radius, radius + 1, dtype=np.float64)
     w = np.exp(-0.5 * (x / sigma) ** 2)
     return (w / w.sum()).astype(np.float32)
-
-
-def _along(a: np.ndarray, axis: int, start: int, n: int) -> np.ndarray:
-    return a[tuple(slice(start, start + n) if ax == axis else slice(None) for ax in range(a.ndim))]
-
-
-def _correlate_valid(a: np.ndarray, weights: np.ndarray, axis: int) -> np.ndarray:
-    """Correlation with symmetric ``weights`` along ``axis``, only where the kernel fits
-    (the axis shrinks by ``len(weights) - 1``): sums of shifted views, faster than
-    ``ndimage.correlate1d`` on the strided axes of a volume."""
-    r = len(weights) // 2
-    if r == 0:
-        return a
-    n = a.shape[axis] - 2 * r
-    if axis == a.ndim - 1:  # the contiguous axis: scipy's C loop is faster there
-        return _along(ndi.correlate1d(a, weights, axis=axis, mode="reflect"), axis, r, n)
-    out = _along(a, axis, r, n) * weights[r]
-    tmp = np.empty_like(out)
-    for i in range(r):
-        np.add(_along(a, axis, i, n), _along(a, axis, 2 * r - i, n), out=tmp)
-        tmp *= weights[i]
-        out += tmp
-    return out
-
-
-_SLAB_BYTES = 1 << 18  # the passes run on slabs of about this size (cache-sized)
-
-
-def _by_slabs(a: np.ndarray, passes: list[tuple[Any, Any, int]], slab_axis: int) -> np.ndarray:
-    """``passes`` (``(function, kernel, axis)``, each called as ``function(a, kernel,
-    axis)``, none along ``slab_axis``) on slabs of ``a`` along ``slab_axis`` one at a time:
-    the same arithmetic as on the whole array, but a slab's temporaries stay in the CPU
-    cache."""
-    per = a.nbytes // max(a.shape[slab_axis], 1)
-    step = max(1, _SLAB_BYTES // max(per, 1))
-    out: np.ndarray | None = None
-    for i in range(0, a.shape[slab_axis], step):
-        slab = _along(a, slab_axis, i, step)
-        for fn, kernel, axis in passes:
-            slab = fn(slab, kernel, axis)
-        if out is None:
-            shape = list(slab.shape)
-            shape[slab_axis] = a.shape[slab_axis]
-            out = np.empty(shape, dtype=slab.dtype)
-        out[tuple(slice(i, i + step) if d == slab_axis else slice(None) for d in range(a.ndim))] = (
-            slab
-        )
-    assert out is not None
-    return out
-
-
-def _separable(a: np.ndarray, fn: Any, kernels: list[Any]) -> np.ndarray:
-    """``fn(a, kernels[axis], axis)`` along z, then y and x, slab by slab."""
-    a = _by_slabs(a, [(fn, kernels[0], 0)], 1)
-    return _by_slabs(a, [(fn, kernels[1], 1), (fn, kernels[2], 2)], 0)
-
-
-def _box_valid(a: np.ndarray, size: int, axis: int) -> np.ndarray:
-    """Mean over ``size`` voxels along ``axis``, only where the box fits."""
-    if size <= 1:
-        return a
-    n = a.shape[axis] - size + 1
-    if axis == a.ndim - 1:  # a direct sum per voxel (a running sum would depend on
-        # where the line starts, and chunks would differ from a single block)
-        weights = np.full(size, 1.0 / size, dtype=np.float32)
-        return _along(ndi.correlate1d(a, weights, axis=axis, mode="reflect"), axis, size // 2, n)
-    out = _along(a, axis, 0, n).copy()
-    for i in range(1, size):
-        out += _along(a, axis, i, n)
-    out *= np.float32(1.0 / size)
-    return out
 
 
 _AXIS_OFFSETS = [(1, 0, 0), (0, 1, 0), (0, 0, 1)]

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from scipy import ndimage as ndi
 
+from cellrna_pipeline.core.spots import _kernels as _k
 from cellrna_pipeline.core.spots.fit import gather
 
 __all__ = ["Blobs", "decompose_blobs", "point_extent"]
@@ -82,6 +82,15 @@ def _reach(sigma: np.ndarray) -> np.ndarray:
     return _grid(sigma, _HALF_SIGMAS, 1) + _margin(sigma)
 
 
+@functools.lru_cache(maxsize=32)
+def _gaussian_weights(sigma: float) -> np.ndarray:
+    """``ndimage.gaussian_filter1d``'s weights for ``sigma`` (truncated at 3 sigma)."""
+    radius = int(3.0 * sigma + 0.5)
+    x = np.arange(-radius, radius + 1)
+    w = np.exp(-0.5 / (sigma * sigma) * x**2)
+    return w / w.sum()
+
+
 def _row_nanmedian(x: np.ndarray) -> np.ndarray:
     """``np.nanmedian(x, axis=1)`` of a 2-D array (the same values; a sort per row,
     much faster than numpy's masked-array path when rows hold NaNs)."""
@@ -114,12 +123,8 @@ def _balls(
 def _connected_to_centre(mask: np.ndarray, centre: tuple[int, ...]) -> np.ndarray:
     """Per blob, the component of ``mask`` ``(nb, kz, ky, kx)`` holding ``centre``
     (26-connected within a blob, never across blobs)."""
-    structure = np.zeros((3, 3, 3, 3), dtype=bool)
-    structure[1] = True
-    labels, _ = ndi.label(mask, structure=structure)
-    at = labels[(slice(None), *centre)]
-    out = (labels == at[:, None, None, None]) & (at[:, None, None, None] > 0)
-    out[(slice(None), *centre)] = True  # an empty blob keeps its peak
+    out = _k.connected_to_centre(np.ascontiguousarray(mask), centre)
+    out[:, centre[0], centre[1], centre[2]] = True  # an empty blob keeps its peak
     return out
 
 
@@ -233,9 +238,17 @@ def _decompose_batch(
     # window, less work)
     smooth = raw
     for a, s in enumerate(sigma):
-        if s > 0:
-            smooth = ndi.gaussian_filter1d(smooth, s, axis=a + 1, truncate=3.0, mode="reflect")
-        smooth = smooth[tuple(crop[a + 1] if d == a + 1 else slice(None) for d in range(4))]
+        if s > 0:  # ndimage.gaussian_filter1d (truncate 3), only where the crop keeps it
+            dims = smooth.shape
+            line = np.ascontiguousarray(smooth).reshape(
+                int(np.prod(dims[: a + 1])), dims[a + 1], -1
+            )
+            keep = crop[a + 1]
+            smooth = _k.correlate_crop(
+                line, _gaussian_weights(float(s)), keep.start, keep.stop - keep.start
+            ).reshape(*dims[: a + 1], keep.stop - keep.start, *dims[a + 2 :])
+        else:
+            smooth = smooth[tuple(crop[a + 1] if d == a + 1 else slice(None) for d in range(4))]
     # mirrored voxels beyond the volume's faces only serve the smoothing
     raw, inside = raw[crop], np.broadcast_to(inside, (nb, *size))[crop]
     kshape = smooth.shape[1:]
@@ -277,7 +290,11 @@ def _decompose_batch(
     n = np.clip(np.rint(flux / (reference_amplitude * unit_mass)), 1, _MAX_SPOTS_PER_BLOB).astype(
         int
     )
-    spots, owner = _matching_pursuit(np.where(mass, sm, -np.inf), n, sigma, ref_height)
+    # up to n spots per window (CLEAN): the brightest voxel, refined to sub-voxel, minus a
+    # reference spot there (smoothed: sigma sqrt 2), until half a reference spot is left
+    spots, owner = _k.matching_pursuit(
+        np.where(mass, sm, -np.inf).astype(np.float64), n, sigma, ref_height, _STOP_LEVEL
+    )
     if not len(spots):
         return Blobs(
             extent, np.zeros((0, 3)), np.zeros(0, np.int64), np.zeros(0), mass_region, origin, shape
@@ -286,70 +303,6 @@ def _decompose_batch(
     counts = np.bincount(owner, minlength=len(ci))
     amps = flux[owner] / unit_mass / counts[owner]
     return Blobs(extent, spots + origin[blob], blob, amps, mass_region, origin, shape)  # type: ignore[arg-type]
-
-
-def _matching_pursuit(
-    residual: np.ndarray, n: np.ndarray, sigma: np.ndarray, ref_height: float
-) -> tuple[np.ndarray, np.ndarray]:
-    """Up to ``n[b]`` spots per window of ``residual`` ``(nb, kz, ky, kx)`` (``-inf``
-    outside the blob): take the brightest voxel, refine it to sub-voxel, subtract one
-    reference spot there (smoothed: sigma sqrt 2); stop at half a reference spot (CLEAN's
-    criterion). Returns local positions ``(m, 3)`` and the window of each."""
-    nb = len(residual)
-    kshape = residual.shape[1:]
-    residual = residual.astype(np.float64)
-    taken = np.zeros(residual.shape, dtype=bool)
-    alive = np.ones(nb, dtype=bool)
-    smooth_sigma = np.sqrt(2.0) * sigma
-    grids = [np.arange(k, dtype=np.float64) for k in kshape]
-    out_pos, out_owner = [], []
-    for step in range(int(n.max())):
-        act = np.flatnonzero(alive & (n > step))
-        if not len(act):
-            break
-        masked = np.where(taken[act], -np.inf, residual[act]).reshape(len(act), -1)
-        flat = np.argmax(masked, axis=1)
-        peak = masked[np.arange(len(act)), flat]
-        go = peak >= _STOP_LEVEL * ref_height
-        alive[act[~go]] = False
-        act, flat = act[go], flat[go]
-        if not len(act):
-            break
-        k = np.stack(np.unravel_index(flat, kshape), axis=1)
-        pos = k.astype(np.float64)
-        for axis in range(3):  # parabolic sub-voxel refinement on the residual
-            if sigma[axis] == 0:
-                continue
-            inner = (k[:, axis] > 0) & (k[:, axis] < kshape[axis] - 1)
-            lo, hi = k.copy(), k.copy()
-            lo[:, axis] = np.clip(k[:, axis] - 1, 0, kshape[axis] - 1)
-            hi[:, axis] = np.clip(k[:, axis] + 1, 0, kshape[axis] - 1)
-            a = residual[(act, *lo.T)]
-            b = residual[(act, *hi.T)]
-            c = residual[(act, *k.T)]
-            curv = a - 2 * c + b
-            good = inner & np.isfinite(curv) & (curv < 0)
-            with np.errstate(invalid="ignore", divide="ignore"):
-                off = np.clip(0.5 * (a - b) / np.where(good, curv, -1.0), -0.49, 0.49)
-            pos[:, axis] += np.where(good, off, 0.0)
-        out_pos.append(pos)
-        out_owner.append(act)
-        taken[(act, *k.T)] = True
-        g = np.ones((len(act), 1, 1, 1))
-        for axis in range(3):
-            s = smooth_sigma[axis]
-            r = grids[axis][None] - pos[:, axis, None]
-            f = np.exp(-0.5 * (r / s) ** 2) if s > 0 else (np.abs(r) < 0.5).astype(np.float64)
-            sh = [len(act), 1, 1, 1]
-            sh[axis + 1] = kshape[axis]
-            g = g * f.reshape(sh)
-        residual[act] -= ref_height * g
-    if not out_pos:
-        return np.zeros((0, 3)), np.zeros(0, dtype=np.int64)
-    pos = np.concatenate(out_pos)
-    owner = np.concatenate(out_owner)
-    order = np.argsort(owner, kind="stable")
-    return pos[order], owner[order]
 
 
 @functools.lru_cache(maxsize=32)

@@ -23,7 +23,8 @@ follows crowded-field photometry (DAOPHOT's ALLSTAR and its successors):
 
 Everything works on the image values under the windows, read point-wise from the (maybe
 lazy, chunked) volume, so memory is bounded by the number of spots and the result does
-not depend on chunking (spots are processed in position order).
+not depend on chunking (spots are processed in position order). The per-spot and
+per-window loops are numba kernels (:mod:`._kernels`).
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ from typing import Any
 import numpy as np
 from scipy.spatial import cKDTree
 
+from cellrna_pipeline.core.spots import _kernels as _k
+
 __all__ = ["FitSettings", "SpotFit", "fit_spots", "gather"]
 
 _WINDOW_SIGMAS = 2.0  # a spot's window: +-2 sigma per axis (at least one voxel)
@@ -43,15 +46,17 @@ _LM_ITERATIONS = 8
 _LM_TOLERANCE = 0.05  # a split fit has converged when a step gains < 0.05 noise variances
 _LM_HOPELESS_AFTER = 3
 _DAMPING = 0.1  # Gauss-Newton steps of the refinement: Marquardt damping
-_EPS = 1e-9
+_EPS = _k.EPS
 _DENSE_POOL_VOXELS = 8_000_000  # in-memory images up to this size are used whole
 _NOISE_MODEL_VOXELS = 4_000_000  # the noise model reads at most about this many voxels
-_SPLIT_BATCH = 8192
-_WINDOW_BATCH = 16384  # spots whose windows are looked up (and read) together  # windows fitted together by the split test (memory)
+_SPLIT_BATCH = 8192  # windows fitted together by the split test (memory)
+_WINDOW_BATCH = 16384  # spots whose windows are looked up (and read) together
 _GATHER_TILE = (32, 128, 2048)  # lazy slice-only arrays are read one such box at a time
 
 
 _NONE = (np.zeros((0, 3)), np.zeros(0), np.zeros(0), np.zeros(0))  # no spots to add
+# the per-spot arrays of :class:`_Model`, all in position order
+_SPOT_ARRAYS = ("zyx", "amp", "bg", "floor", "centres", "slot", "weight")
 
 
 @dataclass(frozen=True)
@@ -169,39 +174,6 @@ class _Pool:
         return self._order[pos]
 
 
-class _Gauss:
-    """Unit Gaussians of a batch of spots on their windows (product grids).
-
-    ``g`` ``(n, kz, ky, kx)``; ``du[a]`` is ``(v_a - p_a) / sigma_a^2`` shaped to
-    broadcast against ``g`` (``g * du[a]`` is the derivative of ``g`` in ``p_a``).
-    """
-
-    def __init__(self, model: _Model, zyx: np.ndarray, centres: np.ndarray) -> None:
-        # the three axes' 1-D factors at once (few numpy calls: batches are small)
-        n = len(zyx)
-        u = centres[:, model.axis_of] + model.offsets_all[None] - zyx[:, model.axis_of]
-        e = np.exp(model.half_inv2_all * u * u).astype(np.float32)
-        du = (u * model.inv2_all).astype(np.float32)
-        self.du = []
-        g: np.ndarray | None = None
-        for a, (lo, hi) in enumerate(model.axis_cuts):
-            sh = [n, 1, 1, 1]
-            sh[a + 1] = hi - lo
-            f = e[:, lo:hi].reshape(sh)
-            g = f if g is None else g * f
-            self.du.append(du[:, lo:hi].reshape(sh))
-        assert g is not None
-        self.g = g
-
-    def flat(self) -> np.ndarray:
-        return self.g.reshape(len(self.g), -1)
-
-    def derivative(self, a: int, scale: np.ndarray) -> np.ndarray:
-        """``scale[:, None] * g * du[a]`` flattened ``(n, k)``."""
-        factor = self.du[a] * scale.astype(np.float32)[:, None, None, None]
-        return (self.g * factor).reshape(len(self.g), -1)
-
-
 class _Model:
     """Spots (centre, amplitude, background), their windows and the summed model.
 
@@ -212,24 +184,13 @@ class _Model:
     def __init__(self, vol: Any, sigma_vox: tuple[float, float, float]) -> None:
         self.pool = _Pool(vol, tuple(int(s) for s in vol.shape))
         self.sigma = np.asarray(sigma_vox, dtype=np.float64)
-        self.inv2 = np.where(self.sigma > 0, 1.0 / np.maximum(self.sigma, _EPS) ** 2, 0.0)
         # axes without extent (z of a 2-D image): the Gaussian does not depend on p_a
-        self.flat_axis = [bool(s <= 0) for s in sigma_vox]
+        self.inv2 = np.where(self.sigma > 0, 1.0 / np.maximum(self.sigma, _EPS) ** 2, 0.0)
         self.reach = np.array(
             [0 if s <= 0 else max(1, round(_WINDOW_SIGMAS * s)) for s in sigma_vox]
         )
         self.offsets = [np.arange(-r, r + 1) for r in self.reach]
-        # the offsets of all three axes in one row, for :class:`_Gauss`
-        self.offsets_all = np.concatenate(self.offsets)
-        self.axis_of = np.repeat(np.arange(3), [len(o) for o in self.offsets])
-        ends = np.cumsum([len(o) for o in self.offsets])
-        self.axis_cuts = [
-            (int(e - len(o)), int(e)) for e, o in zip(ends, self.offsets, strict=True)
-        ]
-        self.inv2_all = self.inv2[self.axis_of]
-        self.half_inv2_all = -0.5 * self.inv2_all
-        self.grid = tuple(len(o) for o in self.offsets)
-        self.k = int(np.prod(self.grid))
+        self.k = int(np.prod([len(o) for o in self.offsets]))  # voxels per window
         self.model = np.zeros(0)  # the summed model of all spots, per pool slot
 
     # --- state -----------------------------------------------------------------
@@ -249,8 +210,7 @@ class _Model:
         self.centres = np.rint(self.zyx).astype(np.int64)
         self.slot, self.weight = self._windows(self.centres)
         self.model = np.zeros(len(self.pool.vals))
-        spots = self.amp[:, None] * self.gauss(np.arange(len(self.zyx))) * self.weight
-        np.add.at(self.model, self.slot.ravel(), spots.ravel())  # 1-D: numpy's fast path
+        self._add(np.arange(len(self.zyx)), 1.0)
         rows = np.empty(len(order), dtype=np.int64)
         rows[order] = np.arange(len(order))
         return rows
@@ -267,28 +227,22 @@ class _Model:
         3)`` etc., as in :meth:`set`); the model changes only under the windows of the
         spots dropped and added. Returns the row of each kept spot, then of each new one
         (spots stay in position order)."""
-        gone = np.flatnonzero(~keep)
-        if len(gone):
-            old = self.amp[gone, None] * self.gauss(gone) * self.weight[gone]
-            np.subtract.at(self.model, self.slot[gone].ravel(), old.ravel())
+        self._add(np.flatnonzero(~keep), -1.0)
+        if not len(zyx):  # only removals: the kept spots stay in position order
+            for name in _SPOT_ARRAYS:
+                setattr(self, name, getattr(self, name)[keep])
+            return np.arange(len(self.zyx))
         centres = np.rint(zyx).astype(np.int64)
         slot, weight = self._windows(centres)
         self._grow_model()
-        all_zyx = np.concatenate([self.zyx[keep], np.asarray(zyx, dtype=np.float64)])
+        new = (np.asarray(zyx, dtype=np.float64), amp, bg, floor, centres, slot, weight)
+        all_zyx = np.concatenate([self.zyx[keep], new[0]])
         order = np.lexsort((all_zyx[:, 2], all_zyx[:, 1], all_zyx[:, 0]))
-        self.zyx = all_zyx[order]
-        self.amp = np.concatenate([self.amp[keep], amp])[order]
-        self.bg = np.concatenate([self.bg[keep], bg])[order]
-        self.floor = np.concatenate([self.floor[keep], floor])[order]
-        self.centres = np.concatenate([self.centres[keep], centres])[order]
-        self.slot = np.concatenate([self.slot[keep], slot])[order]
-        self.weight = np.concatenate([self.weight[keep], weight])[order]
+        for name, added in zip(_SPOT_ARRAYS, new, strict=True):
+            setattr(self, name, np.concatenate([getattr(self, name)[keep], added])[order])
         rows = np.empty(len(order), dtype=np.int64)
         rows[order] = np.arange(len(order))
-        added = rows[len(order) - len(zyx) :]
-        if len(added):
-            spots = self.amp[added, None] * self.gauss(added) * self.weight[added]
-            np.add.at(self.model, self.slot[added].ravel(), spots.ravel())
+        self._add(rows[len(order) - len(zyx) :], 1.0)
         return rows
 
     def _windows(self, centres: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -322,13 +276,11 @@ class _Model:
         moved = np.flatnonzero(np.any(centres != self.centres, axis=1))
         if not len(moved):
             return
-        old = self.amp[moved, None] * self.gauss(moved) * self.weight[moved]
-        np.subtract.at(self.model, self.slot[moved].ravel(), old.ravel())
+        self._add(moved, -1.0)
         self.centres[moved] = centres[moved]
         self.slot[moved], self.weight[moved] = self._windows(centres[moved])
         self._grow_model()
-        new = self.amp[moved, None] * self.gauss(moved) * self.weight[moved]
-        np.add.at(self.model, self.slot[moved].ravel(), new.ravel())
+        self._add(moved, 1.0)
 
     def _grow_model(self) -> None:
         """Zeros for the voxels the pool has read since the model was last sized."""
@@ -339,138 +291,78 @@ class _Model:
                 [self.model, np.zeros(len(self.pool.vals) - len(self.model))]
             )
 
-    def gauss(self, rows: np.ndarray) -> np.ndarray:
-        """Unit Gaussians of ``rows`` on their windows, ``(n, k)``."""
-        return _Gauss(self, self.zyx[rows], self.centres[rows]).flat()
+    def _add(self, rows: np.ndarray, sign: float) -> None:
+        """Add (``sign`` 1) or subtract (-1) the spots ``rows`` to / from the summed model."""
+        _k.add_spots(
+            rows, sign, self.zyx, self.amp, self.centres, self.slot, self.weight,
+            self.reach, self.inv2, self.model,
+        )  # fmt: skip
 
     def window_data(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Image minus every other spot on the windows of ``rows``, and the unit Gaussian."""
-        g = self.gauss(rows)
-        own = self.amp[rows, None] * g * self.weight[rows]
-        slot = self.slot[rows]
-        return self.pool.vals[slot] - self.model[slot] + own, g
+        """Image minus every other spot on the windows of ``rows``, and the unit
+        Gaussian, ``(n, k)`` float64 each."""
+        return _k.window_data(
+            rows, self.zyx, self.amp, self.centres, self.slot, self.weight,
+            self.reach, self.inv2, self.pool.vals, self.model,
+        )  # fmt: skip
 
     # --- refinement ----------------------------------------------------------------
     def colours(self, rows: np.ndarray) -> list[np.ndarray]:
         """``rows`` in classes whose windows do not overlap: independent sets of the
         overlap graph (Jones-Plassmann: a spot joins the current class when its priority,
-        a hash of its voxel, beats that of every neighbour not yet in a class)."""
-        scale = 1.0 / np.maximum(2 * self.reach, 1)
-        pairs = cKDTree(self.centres[rows] * scale).query_pairs(
-            r=1.0, p=np.inf, output_type="ndarray"
-        )
+        a hash of its voxel, beats that of every neighbour not yet in a class; it takes
+        the smallest class none of its neighbours of higher priority is in)."""
+        c = self.centres[rows]
+        pairs = _k.overlapping(c, c, 2 * self.reach)
+        pairs = pairs[pairs[:, 0] < pairs[:, 1]]
         if not len(pairs):
             return [rows]
-        c = self.centres[rows].astype(np.uint64)
+        c = c.astype(np.uint64)
         prio = (c[:, 0] * np.uint64(73856093)) ^ (c[:, 1] * np.uint64(19349663))
         prio = (prio ^ (c[:, 2] * np.uint64(83492791))) % np.uint64(1 << 40)
         key = prio * np.uint64(len(rows)) + np.arange(len(rows), dtype=np.uint64)
-        i, j = pairs[:, 0], pairs[:, 1]
-        low = np.where(key[i] < key[j], i, j)  # of each pair, the one that waits
-        high = np.where(key[i] < key[j], j, i)
-        degree = np.bincount(pairs.ravel(), minlength=len(rows))
-        used = np.zeros((len(rows), int(degree.max()) + 1), dtype=bool)
-        colour = np.full(len(rows), -1)
-        open_ = np.ones(len(rows), dtype=bool)
-        while open_.any():
-            blocked = np.zeros(len(rows), dtype=bool)
-            blocked[low] = True  # (only pairs of two open spots are left)
-            chosen = open_ & ~blocked
-            # each takes the smallest colour none of its coloured neighbours has
-            colour[chosen] = np.argmin(used[chosen], axis=1)
-            open_ &= ~chosen
-            # the colours in use, told to the open neighbours of the spots just coloured
-            tell = chosen[high]
-            used[low[tell], colour[high[tell]]] = True
-            left = ~tell
-            low, high = low[left], high[left]
+        colour = _k.greedy_colours(pairs, key)
         order = np.argsort(colour, kind="stable")
         cuts = np.flatnonzero(np.diff(colour[order])) + 1
         classes = np.split(rows[order], cuts)
         return classes
 
-    def sweep(self, classes: list[np.ndarray]) -> None:
-        """One Gauss-Seidel sweep: a damped Gauss-Newton step on each spot's
-        ``(a, b, p)``, class by class, on unchanged windows."""
-        lim = _MAX_STEP_SIGMAS * self.sigma
-        for cls in classes:
-            gs = _Gauss(self, self.zyx[cls], self.centres[cls])
-            g = gs.flat()
-            wt = self.weight[cls]
-            slot = self.slot[cls]
-            a, b = self.amp[cls], self.bg[cls]
-            old = a[:, None] * g * wt
-            # the model holds this spot too: data minus everything minus the background
-            resid = ((self.pool.vals[slot] - self.model[slot] - b[:, None]) * wt).astype(np.float32)
-            scale = np.maximum(a, _EPS)
-            jac = np.empty((len(cls), 5, self.k), dtype=np.float32)
-            np.multiply(g, wt, out=jac[:, 0])
-            jac[:, 1] = wt
-            for ax in range(3):
-                if self.flat_axis[ax]:
-                    jac[:, 2 + ax] = 0.0
-                else:
-                    np.multiply(gs.derivative(ax, scale), wt, out=jac[:, 2 + ax])
-            step = _damped_step(jac, resid, _DAMPING)
-            self.amp[cls] = np.maximum(a + step[:, 0], 0.0)
-            self.bg[cls] = b + step[:, 1]
-            self.zyx[cls] += np.clip(step[:, 2:], -lim, lim)
-            new = self.amp[cls, None] * self.gauss(cls) * wt
-            np.add.at(self.model, slot.ravel(), (new - old).ravel())
+    def sweep(self, order: np.ndarray) -> None:
+        """One Gauss-Seidel sweep over the spots ``order`` (class after class): a damped
+        Gauss-Newton step on each spot's ``(a, b, p)``, on unchanged windows."""
+        _k.sweep(
+            order, self.zyx, self.amp, self.bg, self.centres, self.slot, self.weight,
+            self.reach, self.inv2, _MAX_STEP_SIGMAS * self.sigma, _DAMPING,
+            self.pool.vals, self.model,
+        )  # fmt: skip
 
     def refine(self, rows: np.ndarray, sweeps: int) -> None:
         """Gauss-Seidel sweeps over ``rows`` (classes from the windows at the start; a
-        window that moves in between may overlap one of its class: still correct, the
-        model is updated with unbuffered adds, only less damped)."""
+        window that moves in between may overlap one of its class: still correct, each
+        spot's step sees the model as the spots before it left it)."""
         if not len(rows):
             return
-        classes = self.colours(rows)
+        order = np.concatenate(self.colours(rows))
         for _ in range(sweeps):
-            self.sweep(classes)
+            self.sweep(order)
             self.recentre()
 
     def neighbours(self, rows: np.ndarray) -> np.ndarray:
         """Spots whose windows overlap those of ``rows`` (``rows`` included)."""
         if not len(rows):
             return rows
-        scale = 1.0 / np.maximum(2 * self.reach, 1)
-        hits = cKDTree(self.centres * scale).query_ball_point(
-            self.centres[rows] * scale, r=1.0, p=np.inf
-        )
-        return np.unique(np.concatenate([np.asarray(h, dtype=np.int64) for h in hits]))
-
-
-def _damped_step(jac: np.ndarray, resid: np.ndarray, damping: np.ndarray | float) -> np.ndarray:
-    """Levenberg-Marquardt steps for a batch: ``jac`` ``(n, m, k)``, ``resid`` ``(n, k)``."""
-    jtj = (jac @ jac.transpose(0, 2, 1)).astype(np.float64)
-    jtr = (jac @ resid[..., None])[..., 0].astype(np.float64)
-    diag = np.arange(jac.shape[1])
-    jtj[:, diag, diag] += (
-        np.asarray(damping, dtype=np.float64).reshape(-1, 1) * jtj[:, diag, diag] + _EPS
-    )
-    return np.linalg.solve(jtj, jtr[..., None])[..., 0]
+        return np.unique(_k.overlapping(self.centres[rows], self.centres, 2 * self.reach)[:, 1])
 
 
 def _split_start(model: _Model, rows: np.ndarray, data: np.ndarray) -> np.ndarray:
     """Two-spot start per window, ``(n, 9)`` ``[a1, p1, a2, p2, b]``: either side of the
     centre along the principal axis of the window's light (in sigma units)."""
-    n = len(rows)
-    sigma = model.sigma
     pos, amp, bg = model.zyx[rows], model.amp[rows], model.bg[rows]
-    light = (np.maximum(data - bg[:, None], 0.0) * model.weight[rows]).reshape(n, *model.grid)
-    total = light.reshape(n, -1).sum(axis=1) + _EPS
-    du = _Gauss(model, pos, model.centres[rows]).du  # (v - p) / sigma^2
-    coords = [du[a] * sigma[a] for a in range(3)]  # (v - p) / sigma, broadcastable
-    mean = (
-        np.stack([(light * c).reshape(n, -1).sum(axis=1) for c in coords], axis=1) / total[:, None]
-    )
-    cov = np.empty((n, 3, 3))
-    for i in range(3):
-        for j in range(i, 3):
-            ci = coords[i] - mean[:, i, None, None, None]
-            cj = coords[j] - mean[:, j, None, None, None]
-            cov[:, i, j] = cov[:, j, i] = (light * ci * cj).reshape(n, -1).sum(axis=1) / total
-    axis = np.linalg.eigh(cov + _EPS * np.eye(3))[1][:, :, -1] * sigma
+    cov = _k.light_covariance(
+        data, bg, model.weight[rows], pos, model.centres[rows], model.reach, model.inv2,
+        model.sigma,
+    )  # fmt: skip
+    axis = np.linalg.eigh(cov + _EPS * np.eye(3))[1][:, :, -1] * model.sigma
     return np.concatenate(
         [
             (0.55 * amp)[:, None],
@@ -481,99 +373,6 @@ def _split_start(model: _Model, rows: np.ndarray, data: np.ndarray) -> np.ndarra
         ],
         axis=1,
     )
-
-
-def _lm_fit(
-    model: _Model,
-    centres: np.ndarray,
-    data: np.ndarray,
-    wt: np.ndarray,
-    params: np.ndarray,
-    hopeless: tuple[np.ndarray, float] | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """One or two Gaussians and a background per window (Levenberg-Marquardt).
-
-    ``centres`` ``(n, 3)``: the windows; ``data`` ``(n, k)``; ``wt`` ``(n, k)``: square
-    roots of the voxels' weights (0 outside the volume), so that residual sums of
-    squares are in noise variances; ``params`` ``(n, 4 m + 1)``: the start, ``[a, p]``
-    per spot then the background. A window stops when a step gains less than
-    ``_LM_TOLERANCE``; with ``hopeless = (chi2_ref, min_gain)``, also after
-    ``_LM_HOPELESS_AFTER`` steps when it is less than a quarter of ``min_gain`` below
-    ``chi2_ref``. Returns the fitted parameters and residual sums of squares ``(n,)``.
-    """
-    m = (params.shape[1] - 1) // 4
-    params = params.copy()
-    lim = np.r_[np.tile(np.r_[np.inf, model.sigma], m), np.inf]
-    data = data.astype(np.float32)
-    wt = wt.astype(np.float32)
-
-    def evaluate(p: np.ndarray, i: np.ndarray) -> tuple[np.ndarray, _Gauss]:
-        # the m spots of the windows as rows of one batch (window-major)
-        zyx = p[:, :-1].reshape(len(i), m, 4)[:, :, 1:].reshape(-1, 3)
-        gs = _Gauss(model, zyx, np.repeat(centres[i], m, axis=0))
-        q = p.astype(np.float32)
-        g = gs.flat().reshape(len(i), m, model.k)
-        r = data[i] - q[:, -1, None]
-        for s in range(m):
-            r -= q[:, 4 * s, None] * g[:, s]
-        return r * wt[i], gs
-
-    rows = np.arange(len(params))
-    resid, gs = evaluate(params, rows)
-    cost = (resid * resid).sum(axis=1, dtype=np.float64)
-    lam = np.full(len(params), 1e-2)
-    active = rows
-    for it in range(_LM_ITERATIONS):
-        if not len(active):
-            break
-        i = active
-        w = wt[i][:, None]
-        p = params[i]
-        amp = p[:, :-1].reshape(len(i), m, 4)[:, :, 0].reshape(-1)
-        jac = np.empty((len(i), 4 * m + 1, model.k), dtype=np.float32)
-        per_spot = jac[:, :-1].reshape(len(i), m, 4, model.k, copy=False)  # [a, p_z, p_y, p_x]
-        np.multiply(gs.flat().reshape(len(i), m, model.k), w, out=per_spot[:, :, 0])
-        for ax in range(3):
-            if model.flat_axis[ax]:
-                per_spot[:, :, 1 + ax] = 0.0
-            else:
-                d = gs.derivative(ax, amp).reshape(len(i), m, model.k)
-                np.multiply(d, w, out=per_spot[:, :, 1 + ax])
-        w = w[:, 0]
-        jac[:, -1] = w
-        trial = p + np.clip(_damped_step(jac, resid, lam[i]), -lim, lim)
-        t_resid, t_gs = evaluate(trial, i)
-        new = (t_resid * t_resid).sum(axis=1, dtype=np.float64)
-        ok = new < cost[i]
-        gain = np.where(ok, cost[i] - new, 0.0)
-        params[i[ok]] = trial[ok]
-        cost[i[ok]] = new[ok]
-        lam[i] = np.where(ok, lam[i] * 0.3, lam[i] * 10.0)
-        # Gaussians and residuals of the current parameters, for the next step
-        resid = np.where(ok[:, None], t_resid, resid)
-        gs = _merge(gs, t_gs, np.repeat(ok, m))
-        go = ~(ok & (gain < _LM_TOLERANCE)) & (lam[i] < 1e6)
-        if hopeless is not None and it + 1 >= _LM_HOPELESS_AFTER:
-            go &= hopeless[0][i] - cost[i] >= 0.25 * hopeless[1]
-        active = i[go]
-        resid, gs = resid[go], _take(gs, np.repeat(go, m))
-    return params, cost
-
-
-def _merge(old: _Gauss, new: _Gauss, ok: np.ndarray) -> _Gauss:
-    """``new`` where ``ok``, else ``old`` (row-wise)."""
-    m = ok[:, None, None, None]
-    out = object.__new__(_Gauss)
-    out.g = np.where(m, new.g, old.g)
-    out.du = [np.where(m, nd, od) for nd, od in zip(new.du, old.du, strict=True)]
-    return out
-
-
-def _take(gs: _Gauss, rows: np.ndarray) -> _Gauss:
-    out = object.__new__(_Gauss)
-    out.g = gs.g[rows]
-    out.du = [d[rows] for d in gs.du]
-    return out
 
 
 def fit_spots(
@@ -673,12 +472,12 @@ def _split_fit(
     residual sums of squares of the one- and the two-spot fit ``(n,)`` each."""
     data, g = model.window_data(rows)
     sqrt_w = _weights(model, rows, noise_var, gain)
-    chi2_one = _one_spot_chi2(data, g, sqrt_w)
     start = _split_start(model, rows, data)
-    two, chi2_two = _lm_fit(
-        model, model.centres[rows], data, sqrt_w, start, hopeless=(chi2_one, min_gain)
-    )
-    return two, chi2_one, chi2_two
+    settings = (float(_LM_ITERATIONS), _LM_TOLERANCE, float(_LM_HOPELESS_AFTER), float(min_gain))
+    return _k.split_fits(
+        data, g, sqrt_w, start, model.centres[rows], model.reach, model.inv2, model.sigma,
+        settings,
+    )  # fmt: skip
 
 
 def _weights(model: _Model, rows: np.ndarray, noise_var: float, gain: float) -> np.ndarray:
@@ -716,17 +515,6 @@ def _noise_model(model: _Model) -> tuple[float, float]:
     gain, noise_var = np.polyfit(x, y, 1)
     noise_var = float(y[0]) if noise_var <= 0 else float(noise_var)
     return max(noise_var, _EPS), max(float(gain), 0.0)
-
-
-def _one_spot_chi2(data: np.ndarray, g: np.ndarray, sqrt_w: np.ndarray) -> np.ndarray:
-    """Weighted residual sum of squares of one Gaussian (at its fitted centre) plus a
-    background, amplitude and background re-solved under the weights."""
-    jac = np.stack([g * sqrt_w, sqrt_w], axis=1)
-    y = data * sqrt_w
-    jtj = jac @ jac.transpose(0, 2, 1) + _EPS * np.eye(2)
-    coef = np.linalg.solve(jtj, (jac @ y[..., None]))[..., 0]
-    r = y - (coef[:, :, None] * jac).sum(axis=1)
-    return (r * r).sum(axis=1)
 
 
 def _weakest_of_neighbours(model: _Model, weak: np.ndarray) -> np.ndarray:
