@@ -58,6 +58,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="cells: start from this model folder's weights (fine-tuning) instead of from scratch",
     )
     p.add_argument(
+        "--workers",
+        type=int,
+        default=0,
+        help="cells: processes that synthesize the data and augment the batches (default 0: "
+        "in-process; a few keep a GPU busy)",
+    )
+    p.add_argument(
         "--register", action="store_true", help="log to MLflow and register as 'challenger'"
     )
     p.add_argument(
@@ -84,6 +91,8 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"--volumes must be >= 1, got {args.volumes}")
     if args.nuclei_volumes is not None and args.nuclei_volumes < 0:
         raise InputError(f"--nuclei-volumes must be >= 0, got {args.nuclei_volumes}")
+    if args.workers < 0:
+        raise InputError(f"--workers must be >= 0, got {args.workers}")
     if args.promote and not args.register:
         raise InputError("--promote needs --register")
     cells_only = {
@@ -92,6 +101,7 @@ def run(args: argparse.Namespace) -> int:
         "--z-context": args.z_context,
         "--recipe": args.recipe,
         "--init": args.init,
+        "--workers": args.workers or None,
     }
     given = [name for name, value in cells_only.items() if value is not None]
     if args.target != "cells" and given:
@@ -183,6 +193,7 @@ def _train_cells(args: argparse.Namespace) -> int:
         callbacks=callbacks,
         progress=_progress,
         command=command,
+        workers=args.workers,
     )
     print(
         f"wrote {folder} ({result.steps} steps, {result.steps_per_s:.2f} steps/s, {result.seconds / 60:.1f} min)"

@@ -52,6 +52,19 @@ def test_samples_are_deterministic_and_consistent(samples):
     assert any(not s.cells.any() for s in samples)  # an empty slice is kept
 
 
+def test_worker_processes_make_the_same_samples_and_feed_training(samples):
+    data = TINY_DATA.model_copy(update={"n_nuclei_volumes": 1, "nuclei_slices_per_volume": 2})
+    serial = make_samples(data, canonical_px=12.0)
+    parallel = make_samples(data, canonical_px=12.0, workers=2)
+    assert [s.source for s in parallel] == [s.source for s in serial]
+    assert [s.kind for s in serial].count("nuclei") == 2
+    for a, b in zip(serial, parallel, strict=True):
+        assert np.array_equal(a.image, b.image) and np.array_equal(a.cells, b.cells)
+    config = TrainConfig(steps=2, batch_size=2, warmup_steps=1, model=TINY_MODEL, data=TINY_DATA)
+    result = train_model(config, train_samples=samples, workers=2)
+    assert len(result.history) == 2 and all(np.isfinite(h["loss"]) for h in result.history)
+
+
 def test_coco_round_trip(samples, tmp_path):
     folder = export_coco(samples, tmp_path / "coco")
     coco = json.loads((folder / "annotations.json").read_text())

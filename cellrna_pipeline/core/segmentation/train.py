@@ -30,7 +30,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -79,6 +79,9 @@ class DatasetConfig(StrictModel):
         settings); volume ``i`` uses generator seed ``seed * 1000 + i`` of that generator.
     nuclei_slices_per_volume : at most this many z-slices (evenly spaced among those with
         nuclei) kept per dense-nuclei volume.
+    nuclei_axial_blur_max : the dense-nuclei volumes' axial PSF sigma is drawn up to this
+        fraction of the nucleus' axial semi-axis (from 0.1): large values make each slice
+        show the out-of-focus halo of the nuclei above and below.
     """
 
     n_volumes: int = Field(default=48, ge=0)
@@ -87,6 +90,7 @@ class DatasetConfig(StrictModel):
     empty_slices_per_volume: int = Field(default=2, ge=0)
     n_nuclei_volumes: int = Field(default=0, ge=0)
     nuclei_slices_per_volume: int = Field(default=16, ge=1)
+    nuclei_axial_blur_max: float = Field(default=0.8, gt=0.1, le=3.0)
 
 
 class AugmentConfig(StrictModel):
@@ -186,7 +190,7 @@ def _random_synth_config(rng: np.random.Generator, seed: int, shape_zyx: tuple[i
     )
 
 
-def _random_nuclei_config(rng: np.random.Generator, seed: int):
+def _random_nuclei_config(rng: np.random.Generator, seed: int, axial_blur_max: float = 0.8):
     """Broad random settings of the dense-nuclei generator (nucleus-only, touching nuclei).
 
     Sizes are drawn in pixels (nucleus diameter 8-48 px, log-uniform; anisotropy 1-4)
@@ -203,7 +207,7 @@ def _random_nuclei_config(rng: np.random.Generator, seed: int):
     n_z = int(np.clip(round(d_px * z_aspect / anisotropy * rng.uniform(3.0, 6.0)), 12, 64))
     radius_um = d_px * lateral_um / 2.0
     psf_lateral_nm = 1000.0 * lateral_um * float(rng.uniform(0.3, max(0.4, 0.12 * d_px)))
-    psf_axial_nm = 1000.0 * radius_um * z_aspect * float(rng.uniform(0.1, 0.8))
+    psf_axial_nm = 1000.0 * radius_um * z_aspect * float(rng.uniform(0.1, axial_blur_max))
     return NucleiConfig(
         seed=seed,
         shape_zyx=(n_z, side, side),
@@ -252,6 +256,7 @@ def make_samples(
     *,
     canonical_px: float,
     z_context: int = 0,
+    workers: int = 0,
     progress: Callable[[str], None] | None = None,
 ) -> list[TrainSample]:
     """Synthesize the dataset's volumes and cut them into canonical-scale slices.
@@ -259,95 +264,116 @@ def make_samples(
     Every slice that holds a cell is kept, plus ``empty_slices_per_volume`` without.
     With ``z_context = k`` each sample holds, per stain, its slice and ``k`` neighbours
     on each side (:func:`~cellrna_pipeline.core.segmentation.base.z_context_stack`).
-    Deterministic for a given config.
+    Deterministic for a given config, whatever ``workers`` (processes synthesizing
+    volumes side by side; 0: in this process).
     """
-    from cellrna_pipeline.core.synth import synthesize
+    jobs: list[tuple[Literal["cells", "nuclei"], int]] = [
+        ("cells", i) for i in range(config.n_volumes)
+    ]
+    jobs += [("nuclei", i) for i in range(config.n_nuclei_volumes)]
+
+    def report(done: int, n_samples: int) -> None:
+        if progress is not None and (done % 8 == 0 or done == len(jobs)):
+            progress(f"synthesized {done}/{len(jobs)} volumes ({n_samples} slices)")
 
     samples: list[TrainSample] = []
-    for i in range(config.n_volumes):
-        rng = np.random.default_rng([config.seed, i])
-        seed = config.seed * 1000 + i
-        acq = synthesize(_random_synth_config(rng, seed, config.shape_zyx))
-        assert acq.image is not None
-        nuc = acq.image[0, 0].astype(np.float32)
-        cyt = acq.image[0, 1].astype(np.float32)
-        scale = canonical_px / estimate_diameter_px(nuc)
-        z, h, w = nuc.shape
-        size = (max(32, round(h * scale)), max(32, round(w * scale)))
-        image = _resize_image(
-            np.stack([normalize_percentile(nuc), normalize_percentile(cyt)]), size
-        )
-        cells = _resize_labels(acq.cells[0], size)
-        nuclei = _resize_labels(acq.nuclei[0], size)
-        full = [k for k in range(z) if cells[k].any()]
-        empty = [k for k in range(z) if not cells[k].any()]
-        chosen = full + list(
-            rng.choice(empty, size=min(len(empty), config.empty_slices_per_volume), replace=False)
-        )
-        for k in sorted(int(c) for c in chosen):
-            samples.append(
-                TrainSample(
-                    image=z_context_stack(image, k, z_context).astype(np.float32),
-                    cells=cells[k],
-                    nuclei=nuclei[k],
-                    source=f"synth seed={seed} z={k}",
-                )
-            )
-        if progress is not None and ((i + 1) % 8 == 0 or i + 1 == config.n_volumes):
-            progress(f"synthesized {i + 1}/{config.n_volumes} volumes ({len(samples)} slices)")
-    samples += _dense_nuclei_samples(
-        config, canonical_px=canonical_px, z_context=z_context, progress=progress
-    )
+    if workers <= 0:
+        for done, (kind, i) in enumerate(jobs, start=1):
+            samples += _volume_samples(config, kind, i, canonical_px, z_context)
+            report(done, len(samples))
+        return samples
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    # spawn: the parent may hold torch threads (and CUDA) that fork would copy broken
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(workers, mp_context=context) as pool:
+        futures = [
+            pool.submit(_volume_samples, config, kind, i, canonical_px, z_context)
+            for kind, i in jobs
+        ]
+        for done, future in enumerate(futures, start=1):
+            samples += future.result()
+            report(done, len(samples))
     return samples
+
+
+def _volume_samples(
+    config: DatasetConfig,
+    kind: Literal["cells", "nuclei"],
+    i: int,
+    canonical_px: float,
+    z_context: int,
+) -> list[TrainSample]:
+    """The canonical-scale slices of the dataset's ``i``-th cell or dense-nuclei volume."""
+    if kind == "nuclei":
+        return _dense_nuclei_samples(config, i, canonical_px=canonical_px, z_context=z_context)
+    from cellrna_pipeline.core.synth import synthesize
+
+    rng = np.random.default_rng([config.seed, i])
+    seed = config.seed * 1000 + i
+    acq = synthesize(_random_synth_config(rng, seed, config.shape_zyx))
+    assert acq.image is not None
+    nuc = acq.image[0, 0].astype(np.float32)
+    cyt = acq.image[0, 1].astype(np.float32)
+    scale = canonical_px / estimate_diameter_px(nuc)
+    z, h, w = nuc.shape
+    size = (max(32, round(h * scale)), max(32, round(w * scale)))
+    image = _resize_image(np.stack([normalize_percentile(nuc), normalize_percentile(cyt)]), size)
+    cells = _resize_labels(acq.cells[0], size)
+    nuclei = _resize_labels(acq.nuclei[0], size)
+    full = [k for k in range(z) if cells[k].any()]
+    empty = [k for k in range(z) if not cells[k].any()]
+    chosen = full + list(
+        rng.choice(empty, size=min(len(empty), config.empty_slices_per_volume), replace=False)
+    )
+    return [
+        TrainSample(
+            image=z_context_stack(image, k, z_context).astype(np.float32),
+            cells=cells[k],
+            nuclei=nuclei[k],
+            source=f"synth seed={seed} z={k}",
+        )
+        for k in sorted(int(c) for c in chosen)
+    ]
 
 
 def _dense_nuclei_samples(
-    config: DatasetConfig,
-    *,
-    canonical_px: float,
-    z_context: int,
-    progress: Callable[[str], None] | None,
+    config: DatasetConfig, i: int, *, canonical_px: float, z_context: int
 ) -> list[TrainSample]:
-    """Canonical-scale slices of the dataset's dense-nuclei volumes (nucleus stain only)."""
+    """Canonical-scale slices of the dataset's ``i``-th dense-nuclei volume (nucleus stain
+    only)."""
     from cellrna_pipeline.core.synth.nuclei import synthesize_nuclei
 
-    samples: list[TrainSample] = []
-    for i in range(config.n_nuclei_volumes):
-        rng = np.random.default_rng([config.seed, i, 2])
-        seed = config.seed * 1000 + i
-        acq = synthesize_nuclei(_random_nuclei_config(rng, seed))
-        nuc = acq.image.astype(np.float32)
-        scale = canonical_px / estimate_diameter_px(nuc)
-        z, h, w = nuc.shape
-        size = (max(32, round(h * scale)), max(32, round(w * scale)))
-        full = [k for k in range(z) if acq.labels[k].any()]
-        keep = sorted(
-            {full[int(j)] for j in np.linspace(0, len(full) - 1, config.nuclei_slices_per_volume)}
+    rng = np.random.default_rng([config.seed, i, 2])
+    seed = config.seed * 1000 + i
+    acq = synthesize_nuclei(_random_nuclei_config(rng, seed, config.nuclei_axial_blur_max))
+    nuc = acq.image.astype(np.float32)
+    scale = canonical_px / estimate_diameter_px(nuc)
+    z, h, w = nuc.shape
+    size = (max(32, round(h * scale)), max(32, round(w * scale)))
+    full = [k for k in range(z) if acq.labels[k].any()]
+    keep = sorted(
+        {full[int(j)] for j in np.linspace(0, len(full) - 1, config.nuclei_slices_per_volume)}
+    )
+    # the kept slices and their z-context neighbours, rescaled
+    used = sorted(
+        {int(np.clip(k + d, 0, z - 1)) for k in keep for d in range(-z_context, z_context + 1)}
+    )
+    norm = _resize_image(normalize_percentile(nuc)[used], size)
+    stack = np.zeros((2, z, *size), np.float32)
+    stack[0, used] = norm
+    labels = _resize_labels(acq.labels[keep].astype(np.int32), size)
+    return [
+        TrainSample(
+            image=z_context_stack(stack, k, z_context).astype(np.float32),
+            cells=labels[j],
+            nuclei=labels[j].copy(),
+            source=f"nuclei seed={seed} z={k}",
+            kind="nuclei",
         )
-        # the kept slices and their z-context neighbours, rescaled
-        used = sorted(
-            {int(np.clip(k + d, 0, z - 1)) for k in keep for d in range(-z_context, z_context + 1)}
-        )
-        norm = _resize_image(normalize_percentile(nuc)[used], size)
-        stack = np.zeros((2, z, *size), np.float32)
-        stack[0, used] = norm
-        labels = _resize_labels(acq.labels[keep].astype(np.int32), size)
-        for j, k in enumerate(keep):
-            samples.append(
-                TrainSample(
-                    image=z_context_stack(stack, k, z_context).astype(np.float32),
-                    cells=labels[j],
-                    nuclei=labels[j].copy(),
-                    source=f"nuclei seed={seed} z={k}",
-                    kind="nuclei",
-                )
-            )
-        if progress is not None and ((i + 1) % 8 == 0 or i + 1 == config.n_nuclei_volumes):
-            progress(
-                f"synthesized {i + 1}/{config.n_nuclei_volumes} dense-nuclei volumes "
-                f"({len(samples)} slices)"
-            )
-    return samples
+        for j, k in enumerate(keep)
+    ]
 
 
 # --- COCO ------------------------------------------------------------------------------
@@ -631,6 +657,59 @@ def validate(
     return metrics
 
 
+# --- batches ---------------------------------------------------------------------------
+
+Batch = list[tuple[torch.Tensor, dict[str, torch.Tensor]]]
+
+
+class _AugmentedStream(torch.utils.data.IterableDataset):
+    """Endless augmented ``(image, target)`` pairs of random samples, for loader workers;
+    each worker draws from its own stream ``rng(seed + [worker id])``."""
+
+    def __init__(self, samples: Sequence[TrainSample], config: TrainConfig, seed: list[int]):
+        self.samples, self.config, self.seed = samples, config, seed
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        rng = np.random.default_rng([*self.seed, info.id if info is not None else 0])
+        tile = self.config.model.input_size_px
+        while True:
+            sample = self.samples[int(rng.integers(0, len(self.samples)))]
+            img, inst, sem = augment(sample, rng, tile_px=tile, config=self.config.augment)
+            yield torch.from_numpy(img), make_target(inst, sem)
+
+
+def _batch_stream(
+    samples: Sequence[TrainSample], config: TrainConfig, seed: list[int], *, workers: int
+) -> Iterator[Batch]:
+    """Endless training batches of ``config.batch_size`` augmented samples.
+
+    ``workers = 0`` augments in this process (one stream, ``rng(seed)``); ``workers > 0``
+    in that many loader processes (forked: the samples are shared, not copied), which
+    keeps a GPU fed; the batches then differ from the in-process ones.
+    """
+    if workers <= 0:
+        rng = np.random.default_rng(seed)
+        tile = config.model.input_size_px
+        while True:
+            batch = []
+            for idx in rng.integers(0, len(samples), config.batch_size):
+                img, inst, sem = augment(
+                    samples[int(idx)], rng, tile_px=tile, config=config.augment
+                )
+                batch.append((torch.from_numpy(img), make_target(inst, sem)))
+            yield batch
+    loader = torch.utils.data.DataLoader(
+        _AugmentedStream(samples, config, seed),
+        batch_size=config.batch_size,
+        num_workers=workers,
+        collate_fn=list,
+        prefetch_factor=4,
+        multiprocessing_context="fork",
+    )
+    yield from loader
+
+
 # --- the loop --------------------------------------------------------------------------
 
 
@@ -692,8 +771,9 @@ def train_model(
     checkpoint_dir: str | Path | None = None,
     callbacks: Sequence[Any] = (),
     progress: Callable[[str], None] | None = None,
+    workers: int = 0,
 ) -> TrainResult:
-    """Train the cell Mask R-CNN from scratch.
+    """Train the cell Mask R-CNN (from scratch, or from ``config.init_from``).
 
     Parameters
     ----------
@@ -703,6 +783,7 @@ def train_model(
         ``checkpoint_every`` steps; an existing one is resumed from.
     callbacks : :class:`TrainCallback` objects.
     progress : called with one-line progress messages (rank 0).
+    workers : augmentation processes (0: in this process; see :func:`_batch_stream`).
 
     Returns
     -------
@@ -749,7 +830,7 @@ def train_model(
         from torch.nn.parallel import DistributedDataParallel
 
         net = DistributedDataParallel(model, find_unused_parameters=True)
-    rng = np.random.default_rng([config.seed, rank, start_step])
+    batches = _batch_stream(train_samples, config, [config.seed, rank, start_step], workers=workers)
     tile = config.model.input_size_px
     say = progress if (progress is not None and rank == 0) else None
     if say:
@@ -767,13 +848,9 @@ def train_model(
         ts = time.perf_counter()
         for group in optimizer.param_groups:
             group["lr"] = config.learning_rate * _lr_factor(step, config)
-        images, targets = [], []
-        for idx in rng.integers(0, len(train_samples), config.batch_size):
-            img, inst, sem = augment(
-                train_samples[int(idx)], rng, tile_px=tile, config=config.augment
-            )
-            images.append(torch.from_numpy(img).to(device))
-            targets.append({k: v.to(device) for k, v in make_target(inst, sem).items()})
+        batch = next(batches)
+        images = [img.to(device, non_blocking=True) for img, _ in batch]
+        targets = [{k: v.to(device) for k, v in t.items()} for _, t in batch]
         losses = net(images, targets)
         total = sum(losses.values())
         optimizer.zero_grad(set_to_none=True)
@@ -854,6 +931,7 @@ def load_or_make_samples(
     canonical_px: float,
     z_context: int = 0,
     cache_dir: str | Path | None = None,
+    workers: int = 0,
     progress: Callable[[str], None] | None = None,
 ) -> list[TrainSample]:
     """The dataset of ``config``, read from its COCO cache under ``cache_dir`` when there,
@@ -861,7 +939,11 @@ def load_or_make_samples(
 
     def make() -> list[TrainSample]:
         return make_samples(
-            config, canonical_px=canonical_px, z_context=z_context, progress=progress
+            config,
+            canonical_px=canonical_px,
+            z_context=z_context,
+            workers=workers,
+            progress=progress,
         )
 
     if cache_dir is None:
@@ -1071,10 +1153,12 @@ def run_training(
     callbacks: Sequence[Any] = (),
     progress: Callable[[str], None] | None = None,
     command: str = "cellrna train cells",
+    workers: int = 0,
 ) -> tuple[TrainResult, Path | None]:
     """Make the data, train, and (rank 0) write the model folder ``out_dir``.
 
-    Returns the result and the folder (``None`` on other ranks).
+    ``workers``: processes that synthesize the volumes and augment the batches (0: this
+    process). Returns the result and the folder (``None`` on other ranks).
     """
     rank, world = _distributed()
     canonical = config.model.canonical_nucleus_diameter_px
@@ -1088,6 +1172,7 @@ def run_training(
                 canonical_px=canonical,
                 z_context=context,
                 cache_dir=cache_dir,
+                workers=workers,
                 progress=progress,
             )
         dist.barrier()
@@ -1096,11 +1181,16 @@ def run_training(
         canonical_px=canonical,
         z_context=context,
         cache_dir=cache_dir,
+        workers=workers,
         progress=progress if rank == 0 else None,
     )
     val_samples = (
         load_or_make_samples(
-            config.val_data, canonical_px=canonical, z_context=context, cache_dir=cache_dir
+            config.val_data,
+            canonical_px=canonical,
+            z_context=context,
+            cache_dir=cache_dir,
+            workers=workers,
         )
         if rank == 0
         else []
@@ -1113,9 +1203,18 @@ def run_training(
         checkpoint_dir=out.with_name(out.name + ".checkpoints"),
         callbacks=callbacks,
         progress=progress,
+        workers=workers,
     )
     if rank != 0:
         return result, None
+    return result, save_trained_model(result, out, command=command)
+
+
+def save_trained_model(result: TrainResult, out: str | Path, *, command: str) -> Path:
+    """Write a training run's model folder: weights, ``config.json`` with the recipe and
+    the run's record (``command``, seconds, steps/s, starting weights), metrics, model card
+    and, for a fine-tuned model, the recipe of its starting weights."""
+    config = result.config
     training: dict[str, Any] = {
         "train_config": json.loads(config.model_dump_json()),
         "steps": result.steps,
@@ -1131,7 +1230,7 @@ def run_training(
         with contextlib.suppress(InputError):  # a folder that records no recipe
             init_recipe = read_recipe(config.init_from)
             files[INIT_RECIPE_FILE] = init_recipe.model_dump_json(indent=2) + "\n"
-    folder = save_model_folder(
+    return save_model_folder(
         result.model,
         out,
         training=training,
@@ -1139,7 +1238,6 @@ def run_training(
         model_card=model_card(config, training, result.metrics, init_recipe=init_recipe),
         files=files,
     )
-    return result, folder
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -1151,6 +1249,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--steps", type=int)
     parser.add_argument("--cache", help="COCO dataset cache folder")
+    parser.add_argument(
+        "--workers", type=int, default=0, help="data processes per rank (0: in-process)"
+    )
     args = parser.parse_args(argv)
     config = read_recipe(args.config) if args.config else TrainConfig()
     if args.steps is not None:
@@ -1165,6 +1266,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         cache_dir=args.cache,
         progress=say,
         command="torchrun ... -m cellrna_pipeline.core.segmentation.train",
+        workers=args.workers,
     )
     if folder is not None:
         say(f"wrote {folder} ({result.steps_per_s:.2f} steps/s x {result.world_size} processes)")
