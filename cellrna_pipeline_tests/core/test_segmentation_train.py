@@ -65,6 +65,26 @@ def test_worker_processes_make_the_same_samples_and_feed_training(samples):
     assert len(result.history) == 2 and all(np.isfinite(h["loss"]) for h in result.history)
 
 
+def test_layer_volumes_add_out_of_focus_samples_and_leave_the_others_unchanged():
+    from cellrna_pipeline.core.segmentation.train import _random_nuclei_config
+
+    for i in range(4):  # probability 0: the earlier settings, draw for draw
+        earlier = _random_nuclei_config(np.random.default_rng([5, i, 2]), i)
+        now = _random_nuclei_config(np.random.default_rng([5, i, 2]), i, 0.8, 0.0)
+        assert now == earlier and now.layer_fraction == 1.0
+    data = DatasetConfig(
+        n_volumes=0,
+        n_nuclei_volumes=1,
+        nuclei_slices_per_volume=3,
+        seed=5,
+        nuclei_layer_probability=1.0,
+        empty_slices_per_volume=2,
+    )
+    layered = make_samples(data, canonical_px=12.0)
+    assert len(layered) == 5 and sum(not s.cells.any() for s in layered) == 2
+    assert all(s.kind == "nuclei" and s.image[0].any() for s in layered)
+
+
 def test_coco_round_trip(samples, tmp_path):
     folder = export_coco(samples, tmp_path / "coco")
     coco = json.loads((folder / "annotations.json").read_text())

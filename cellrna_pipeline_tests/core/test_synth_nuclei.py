@@ -109,3 +109,19 @@ def test_bad_values_give_one_line_errors(field, value, message):
 def test_unknown_keys_are_rejected():
     with pytest.raises(ValidationError):
         NucleiConfig(n_cells=3)
+
+
+def test_a_layer_of_nuclei_leaves_slices_of_out_of_focus_light():
+    deep = {**TINY, "shape_zyx": (40, 64, 64)}
+    layer = NucleiConfig(seed=4, volume_fraction=0.3, layer_fraction=0.3, layer_offset=0.0, **deep)
+    acq = synthesize_nuclei(layer)
+    with_nuclei = np.flatnonzero(acq.labels.any(axis=(1, 2)))
+    assert with_nuclei.min() == 0 and with_nuclei.max() < 30  # the layer is at the bottom
+    empty = slice(with_nuclei.max() + 1, None)
+    assert not acq.labels[empty].any()
+    # the haze reaching further along z puts more of the nuclei's light in those slices
+    far = layer.model_copy(update={"haze": 1.0, "haze_axial_factor": 6.0})
+    near = layer.model_copy(update={"haze": 1.0, "haze_axial_factor": 1.0})
+    assert synthesize_nuclei(far).image[empty].mean() > synthesize_nuclei(near).image[empty].mean()
+    with pytest.raises((InputError, ValidationError)):
+        NucleiConfig(layer_fraction=0.0, **TINY)

@@ -82,6 +82,11 @@ class DatasetConfig(StrictModel):
     nuclei_axial_blur_max : the dense-nuclei volumes' axial PSF sigma is drawn up to this
         fraction of the nucleus' axial semi-axis (from 0.1): large values make each slice
         show the out-of-focus halo of the nuclei above and below.
+    nuclei_layer_probability : share of the dense-nuclei volumes whose nuclei fill only a
+        layer (30-70 % of the depth, the volume made deeper to match), so that slices above and below hold
+        only out-of-focus light; their haze (0.5-2, 1-2.5 radii) reaches 2-6x further along z. Up to
+        ``empty_slices_per_volume`` of those nucleus-free slices are kept as samples ("no
+        nucleus here"). 0: the earlier distribution, draw for draw.
     """
 
     n_volumes: int = Field(default=48, ge=0)
@@ -91,6 +96,7 @@ class DatasetConfig(StrictModel):
     n_nuclei_volumes: int = Field(default=0, ge=0)
     nuclei_slices_per_volume: int = Field(default=16, ge=1)
     nuclei_axial_blur_max: float = Field(default=0.8, gt=0.1, le=3.0)
+    nuclei_layer_probability: float = Field(default=0.0, ge=0.0, le=1.0)
 
 
 class AugmentConfig(StrictModel):
@@ -190,7 +196,12 @@ def _random_synth_config(rng: np.random.Generator, seed: int, shape_zyx: tuple[i
     )
 
 
-def _random_nuclei_config(rng: np.random.Generator, seed: int, axial_blur_max: float = 0.8):
+def _random_nuclei_config(
+    rng: np.random.Generator,
+    seed: int,
+    axial_blur_max: float = 0.8,
+    layer_probability: float = 0.0,
+):
     """Broad random settings of the dense-nuclei generator (nucleus-only, touching nuclei).
 
     Sizes are drawn in pixels (nucleus diameter 8-48 px, log-uniform; anisotropy 1-4)
@@ -208,7 +219,7 @@ def _random_nuclei_config(rng: np.random.Generator, seed: int, axial_blur_max: f
     radius_um = d_px * lateral_um / 2.0
     psf_lateral_nm = 1000.0 * lateral_um * float(rng.uniform(0.3, max(0.4, 0.12 * d_px)))
     psf_axial_nm = 1000.0 * radius_um * z_aspect * float(rng.uniform(0.1, axial_blur_max))
-    return NucleiConfig(
+    config = NucleiConfig(
         seed=seed,
         shape_zyx=(n_z, side, side),
         voxel_size_um=(anisotropy * lateral_um, lateral_um, lateral_um),
@@ -233,6 +244,19 @@ def _random_nuclei_config(rng: np.random.Generator, seed: int, axial_blur_max: f
         camera_gain_adu_per_e=float(rng.uniform(1.0, 4.0)),
         read_noise_e=float(rng.uniform(1.0, 10.0)),
     )
+    # drawn after the rest, only when enabled: the earlier volumes stay bit-identical
+    if layer_probability > 0 and rng.random() < layer_probability:
+        fraction = float(rng.uniform(0.3, 0.7))
+        layer = {
+            "layer_fraction": fraction,
+            "layer_offset": float(rng.uniform(0.0, 1.0)),
+            "shape_zyx": (min(96, round(n_z / fraction)), side, side),
+            "haze": float(rng.uniform(0.5, 2.0)),
+            "haze_sigma_radii": float(rng.uniform(1.0, 2.5)),
+            "haze_axial_factor": float(rng.uniform(2.0, 6.0)),
+        }
+        config = NucleiConfig(**{**config.model_dump(), **layer})
+    return config
 
 
 def _resize_labels(labels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -347,7 +371,11 @@ def _dense_nuclei_samples(
 
     rng = np.random.default_rng([config.seed, i, 2])
     seed = config.seed * 1000 + i
-    acq = synthesize_nuclei(_random_nuclei_config(rng, seed, config.nuclei_axial_blur_max))
+    acq = synthesize_nuclei(
+        _random_nuclei_config(
+            rng, seed, config.nuclei_axial_blur_max, config.nuclei_layer_probability
+        )
+    )
     nuc = acq.image.astype(np.float32)
     scale = canonical_px / estimate_diameter_px(nuc)
     z, h, w = nuc.shape
@@ -356,6 +384,10 @@ def _dense_nuclei_samples(
     keep = sorted(
         {full[int(j)] for j in np.linspace(0, len(full) - 1, config.nuclei_slices_per_volume)}
     )
+    if acq.config.layer_fraction < 1.0:  # some slices with only out-of-focus light
+        empty = [k for k in range(z) if not acq.labels[k].any()]
+        n = min(len(empty), config.empty_slices_per_volume)
+        keep = sorted(keep + [int(k) for k in rng.choice(empty, size=n, replace=False)])
     # the kept slices and their z-context neighbours, rescaled
     used = sorted(
         {int(np.clip(k + d, 0, z - 1)) for k in keep for d in range(-z_context, z_context + 1)}

@@ -6,7 +6,10 @@ touching. Tissue, organoids, spheroids and embryos do: nuclei packed in 3D, in c
 touching laterally and above one another. :func:`synthesize_nuclei` makes such volumes:
 
 1. **Placement.** ``n`` nuclei (from ``volume_fraction`` of the field plus a margin, so
-   nuclei are cut by the borders) are drawn uniformly or, with probability
+   nuclei are cut by the borders; with ``layer_fraction < 1`` the field is a layer of
+   that fraction of the depth at ``layer_offset``, leaving slices above and below that
+   hold only out-of-focus light, as in a cell monolayer or a tissue section imaged
+   through) are drawn uniformly or, with probability
    ``clustering``, around a few clump centres, then pushed apart until centres are at
    least ``contact x (r_i + r_j)`` apart (distances with z scaled by the nuclei's axial
    aspect). ``contact < 1`` leaves neighbours overlapping, so they touch.
@@ -17,7 +20,8 @@ touching laterally and above one another. :func:`synthesize_nuclei` makes such v
    split), so touching nuclei share a border; each keeps its largest 6-connected piece.
 3. **Image.** Per-nucleus brightness (lognormal, ``brightness_cv``) x chromatin texture
    x darker nucleoli, blurred by the anisotropic PSF, plus out-of-focus haze (the stain
-   blurred over ``haze_sigma_radii`` nucleus radii, scaled by ``haze``), background,
+   blurred over ``haze_sigma_radii`` nucleus radii, ``haze_axial_factor`` times that
+   along z, scaled by ``haze``), background,
    flat-field, and the camera (shot noise, gain, read noise, offset).
 
 Deterministic: the same config gives bit-identical arrays.
@@ -72,6 +76,8 @@ class NucleiConfig(CheckedModel):
     volume_fraction: float = 0.3
     contact: float = 0.85
     clustering: float = 0.5
+    layer_fraction: float = 1.0
+    layer_offset: float = 0.5
 
     # optics and camera
     psf_sigma_nm: tuple[float, float, float] = (600.0, 180.0, 180.0)
@@ -81,6 +87,7 @@ class NucleiConfig(CheckedModel):
     nucleolus_contrast: float = 0.3
     haze: float = 0.2
     haze_sigma_radii: float = 2.0
+    haze_axial_factor: float = 1.0
     background_photons: float = 100.0
     illumination_falloff: float = 0.2
     camera_offset_adu: float = 100.0
@@ -117,6 +124,9 @@ def _check_ranges(c: NucleiConfig) -> None:
     within("nucleolus_contrast", c.nucleolus_contrast, 0.0, 0.9)
     within("haze", c.haze, 0.0, 5.0)
     within("haze_sigma_radii", c.haze_sigma_radii, 0.1, 20.0)
+    within("haze_axial_factor", c.haze_axial_factor, 0.1, 10.0)
+    within("layer_fraction", c.layer_fraction, 0.05, 1.0)
+    within("layer_offset", c.layer_offset, 0.0, 1.0)
     within("illumination_falloff", c.illumination_falloff, 0.0, 0.99)
     for name, value in (
         ("nucleus_photons", c.nucleus_photons),
@@ -162,6 +172,10 @@ def _place(c: NucleiConfig, rng: np.random.Generator) -> tuple[np.ndarray, np.nd
     r0 = c.nucleus_radius_um
     margin = np.array([r0 * c.z_aspect, r0, r0])
     lo, hi = -margin, extent + margin
+    if c.layer_fraction < 1.0:  # a layer of nuclei, empty slices above and below
+        depth = c.layer_fraction * extent[0]
+        bottom = c.layer_offset * (extent[0] - depth)
+        lo[0], hi[0] = bottom, bottom + depth
     region = float(np.prod(hi - lo))
     mean_volume = 4.0 / 3.0 * math.pi * r0**3 * c.z_aspect * math.exp(4.5 * c.nucleus_radius_cv**2)
     n = int(rng.poisson(c.volume_fraction * region / mean_volume))
@@ -290,8 +304,9 @@ def synthesize_nuclei(config: NucleiConfig) -> NucleiAcquisition:
     blur(stain, psf_sigma_vox(c.psf_sigma_nm, vox))
     if c.haze > 0:
         sigma = c.haze_sigma_radii * c.nucleus_radius_um
+        haze_sigma = (c.haze_axial_factor * sigma, sigma, sigma)
         stain += np.float32(c.haze) * ndi.gaussian_filter(
-            stain, sigma_um_to_vox((sigma, sigma, sigma), vox), mode="nearest", truncate=3.0
+            stain, sigma_um_to_vox(haze_sigma, vox), mode="nearest", truncate=3.0
         )
     illum = illumination_field(shape, c.illumination_falloff, tex_rng)
     stain += np.float32(c.background_photons)
