@@ -172,6 +172,7 @@ def _train_cells(args: argparse.Namespace) -> int:
         + (f" --nuclei-volumes {args.nuclei_volumes}" if args.nuclei_volumes is not None else "")
         + (f" --z-context {args.z_context}" if args.z_context is not None else "")
         + (f" --init {args.init}" if args.init else "")
+        + (f" --workers {args.workers}" if args.workers else "")
     )
     registry, run_id, callbacks = None, None, []
     if args.register:
