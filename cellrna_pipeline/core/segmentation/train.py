@@ -1109,7 +1109,15 @@ def model_card(
         "randomized cell size 4.5-8 um, nucleus fraction 0.38-0.72, voxel size, stains, texture, "
         "membranes, illumination), every slice with cells; "
         f"{d.n_nuclei_volumes} dense-nuclei volumes (nucleus stain only, touching "
-        f"nuclei, up to {d.nuclei_slices_per_volume} slices each). Validation: "
+        f"nuclei, up to {d.nuclei_slices_per_volume} slices each; axial PSF up to "
+        f"{d.nuclei_axial_blur_max:g} axial radii"
+        + (
+            f"; {d.nuclei_layer_probability:.0%} of them a layer of nuclei with slices of "
+            "out-of-focus light only above and below, some kept as samples"
+            if d.nuclei_layer_probability > 0
+            else ""
+        )
+        + f"). Validation: "
         f"{config.val_data.n_volumes} volumes and {config.val_data.n_nuclei_volumes} "
         f"dense-nuclei volumes of seed {config.val_data.seed} (unseen).",
         "",
