@@ -33,11 +33,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("target", choices=("cells", "spots", "spot-embedding"), help="which model")
     p.add_argument("--steps", type=int, help="optimizer steps (default: the recipe's)")
     p.add_argument("--seed", type=int, help="random seed (default 0, or the recipe's)")
-    p.add_argument("--volumes", type=int, help="cells: synthetic training volumes (default 48)")
+    p.add_argument("--volumes", type=int, help="cells: synthetic training volumes (default 64)")
     p.add_argument(
         "--nuclei-volumes",
         type=int,
-        help="cells: dense-nuclei training volumes (nucleus-only, touching nuclei; default 48)",
+        help="cells: dense-nuclei training volumes (nucleus-only, touching nuclei; default 112)",
     )
     p.add_argument(
         "--z-context",

@@ -288,3 +288,12 @@ def test_ddp_with_torchrun_two_cpu_processes(tmp_path):
     training = json.loads((tmp_path / "model" / "config.json").read_text())["training"]
     assert training["world_size"] == 2
     assert model.config == TINY_MODEL
+
+
+def test_the_default_recipe_is_the_shipped_champions():
+    from pathlib import Path
+
+    from cellrna_pipeline.core.segmentation.train import read_recipe
+
+    shipped = Path(__file__).parents[2] / "model_registry" / "cell-maskrcnn"
+    assert read_recipe(shipped) == TrainConfig()

@@ -225,14 +225,15 @@ def check_cell_masks_nuclei_inside_cells(
 
 
 class CellModelTrainingConfig(Config):
-    """Run config of ``cell_segmentation_model`` (defaults: the shipped champion's recipe)."""
+    """Run config of ``cell_segmentation_model`` (defaults: the shipped champion's recipe,
+    whose data seed is 2; ``seed`` seeds both the data and the weight initialization)."""
 
-    steps: int = Field(default=2400, ge=1)
-    seed: int = 0
-    n_volumes: int = Field(default=48, ge=1)
+    steps: int = Field(default=6500, ge=1)
+    seed: int = 2
+    n_volumes: int = Field(default=64, ge=1)
     val_volumes: int = Field(default=4, ge=1)
     shape_zyx: list[int] = Field(default_factory=lambda: [32, 256, 256])
-    n_nuclei_volumes: int = Field(default=48, ge=0)
+    n_nuclei_volumes: int = Field(default=112, ge=0)
     val_nuclei_volumes: int = Field(default=4, ge=0)
     init_from: str | None = None
 
@@ -277,12 +278,13 @@ def cell_segmentation_model(
     train_config = TrainConfig(
         steps=config.steps,
         seed=config.seed,
-        data=DatasetConfig(
-            n_volumes=config.n_volumes,
-            seed=config.seed,
-            shape_zyx=shape,
-            n_nuclei_volumes=config.n_nuclei_volumes,
-            nuclei_slices_per_volume=default.data.nuclei_slices_per_volume,
+        data=default.data.model_copy(
+            update={
+                "n_volumes": config.n_volumes,
+                "seed": config.seed,
+                "shape_zyx": shape,
+                "n_nuclei_volumes": config.n_nuclei_volumes,
+            }
         ),
         val_data=DatasetConfig(
             n_volumes=config.val_volumes,
