@@ -83,10 +83,11 @@ class DatasetConfig(StrictModel):
         fraction of the nucleus' axial semi-axis (from 0.1): large values make each slice
         show the out-of-focus halo of the nuclei above and below.
     nuclei_layer_probability : share of the dense-nuclei volumes whose nuclei fill only a
-        layer (30-70 % of the depth, the volume made deeper to match), so that slices above and below hold
-        only out-of-focus light; their haze (0.5-2, 1-2.5 radii) reaches 2-6x further along z. Up to
-        ``empty_slices_per_volume`` of those nucleus-free slices are kept as samples ("no
-        nucleus here"). 0: the earlier distribution, draw for draw.
+        layer (30-70 % of the depth, the volume made deeper to match), so that slices
+        above and below hold only out-of-focus light; their haze (0.5-2, over 1-2.5 radii)
+        reaches 2-6x further along z. Up to ``empty_slices_per_volume`` of those
+        nucleus-free slices are kept as samples ("no nucleus here"). 0: the earlier
+        distribution, draw for draw.
     """
 
     n_volumes: int = Field(default=48, ge=0)
@@ -727,23 +728,17 @@ def _batch_stream(
 ) -> Iterator[Batch]:
     """Endless training batches of ``config.batch_size`` augmented samples.
 
-    ``workers = 0`` augments in this process (one stream, ``rng(seed)``); ``workers > 0``
-    in that many loader processes (forked: the samples are shared, not copied), which
-    keeps a GPU fed; the batches then differ from the in-process ones.
+    ``workers = 0`` augments in this process (one :class:`_AugmentedStream`);
+    ``workers > 0`` in that many loader processes (forked: the samples are shared, not
+    copied), which keeps a GPU fed; the batches then differ from the in-process ones.
     """
+    stream = _AugmentedStream(samples, config, seed)
     if workers <= 0:
-        rng = np.random.default_rng(seed)
-        tile = config.model.input_size_px
+        pairs = iter(stream)
         while True:
-            batch = []
-            for idx in rng.integers(0, len(samples), config.batch_size):
-                img, inst, sem = augment(
-                    samples[int(idx)], rng, tile_px=tile, config=config.augment
-                )
-                batch.append((torch.from_numpy(img), make_target(inst, sem)))
-            yield batch
+            yield [next(pairs) for _ in range(config.batch_size)]
     loader = torch.utils.data.DataLoader(
-        _AugmentedStream(samples, config, seed),
+        stream,
         batch_size=config.batch_size,
         num_workers=workers,
         collate_fn=list,

@@ -263,7 +263,7 @@ class PromotionCheckConfig(Config):
 def cell_segmentation_model(
     context: AssetExecutionContext, config: CellModelTrainingConfig, data_root: DataRootResource
 ) -> MaterializeResult:
-    from cellrna_pipeline.core.segmentation.train import DatasetConfig, TrainConfig, run_training
+    from cellrna_pipeline.core.segmentation.train import TrainConfig, run_training
     from cellrna_pipeline.integrations.mlflow_registry import (
         CELL_MODEL,
         CHALLENGER,
@@ -286,11 +286,12 @@ def cell_segmentation_model(
                 "n_nuclei_volumes": config.n_nuclei_volumes,
             }
         ),
-        val_data=DatasetConfig(
-            n_volumes=config.val_volumes,
-            seed=default.val_data.seed,
-            shape_zyx=shape,
-            n_nuclei_volumes=config.val_nuclei_volumes,
+        val_data=default.val_data.model_copy(
+            update={
+                "n_volumes": config.val_volumes,
+                "shape_zyx": shape,
+                "n_nuclei_volumes": config.val_nuclei_volumes,
+            }
         ),
         init_from=config.init_from,
     )
