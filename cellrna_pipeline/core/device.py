@@ -3,7 +3,8 @@
 Everything that builds or runs a torch model asks :func:`select_device`; nothing else in
 the package looks at ``torch.cuda`` or sets thread counts. The choice can be forced with
 ``CELLRNA_DEVICE`` (``cpu``, ``cuda``, ``cuda:1``) and the CPU thread count with
-``CELLRNA_TORCH_THREADS``.
+``CELLRNA_TORCH_THREADS``. The compiled (numba) kernels of the spot detector take their
+thread count from :func:`cpu_threads` (``CELLRNA_THREADS``).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ if TYPE_CHECKING:
 
 DEVICE_ENV = "CELLRNA_DEVICE"
 THREADS_ENV = "CELLRNA_TORCH_THREADS"
+KERNEL_THREADS_ENV = "CELLRNA_THREADS"
 
 
 def select_device(preference: str | None = None) -> torch.device:
@@ -69,6 +71,16 @@ def configure_cpu_threads(n: int | None = None) -> int:
         raise InputError(f"thread count must be >= 1, got {n}")
     if torch.get_num_threads() != n:
         torch.set_num_threads(n)
+    return n
+
+
+def cpu_threads() -> int:
+    """Threads for the compiled CPU kernels: ``$CELLRNA_THREADS``, else the cores this
+    process may run on."""
+    env = os.environ.get(KERNEL_THREADS_ENV)
+    n = int(env) if env else len(os.sched_getaffinity(0))
+    if n < 1:
+        raise InputError(f"{KERNEL_THREADS_ENV} must be >= 1, got {n}")
     return n
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import polars as pl
 import pytest
@@ -141,22 +143,103 @@ class _SliceOnly:
         return self.arr[key].copy()
 
 
-def test_batches_give_the_same_clusters_fits_and_masks(monkeypatch):
-    from cellrna_pipeline.core.spots import decompose, fit, labels
-
+def _clusters_image() -> np.ndarray:
     rng = np.random.default_rng(2)
     centres = np.vstack(
         [np.array([6.0, y, x]) + rng.normal(0, [0.4, 1.7, 1.7], (8, 3)) for y, x in CLUSTERS]
     )
-    img = _render((12, 64, 64), centres, [120.0] * len(centres))
+    return _render((12, 64, 64), centres, [120.0] * len(centres))
+
+
+def test_batches_give_the_same_clusters_fits_and_masks(monkeypatch):
+    from cellrna_pipeline.core.spots import decompose, fit
+
+    img = _clusters_image()
+    monkeypatch.setenv("CELLRNA_THREADS", "1")
     whole = detect_spots(img, voxel_size=VS)
     monkeypatch.setattr(decompose, "_BATCH_BLOBS", 2)
-    monkeypatch.setattr(labels, "_BATCH", 5)
     monkeypatch.setattr(fit, "_SPLIT_BATCH", 3)
     monkeypatch.setattr(fit, "_WINDOW_BATCH", 4)
     batched = detect_spots(img, voxel_size=VS)
     assert whole.n_clusters >= 2 and whole.n_split >= 2
     assert batched.table.equals(whole.table)
+
+
+def test_thread_count_does_not_change_the_result(monkeypatch):
+    from cellrna_pipeline.core.spots import _candidates, _threads, decompose, fit
+
+    img = _clusters_image()
+    monkeypatch.setenv("CELLRNA_THREADS", "1")
+    one = detect_spots(img, voxel_size=VS)
+    # small pieces, so that every threaded step is split even on this tiny image
+    monkeypatch.setattr(fit, "_SPLIT_PIECE", 1)
+    monkeypatch.setattr(decompose, "_MIN_BATCH_BLOBS", 1)
+    monkeypatch.setattr(_candidates, "_MIN_SLAB_PLANES", 1)
+    calls = []
+    real_map = _threads.thread_map
+
+    def counting_map(fn, args, threads):
+        calls.append((fn.__name__, len(args), threads))
+        return real_map(fn, args, threads)
+
+    for module in (fit, decompose, _candidates):
+        monkeypatch.setattr(module, "thread_map", counting_map)
+    monkeypatch.setenv("CELLRNA_THREADS", "3")
+    three = detect_spots(img, voxel_size=VS)
+    assert one.n_split >= 2
+    assert three.table.equals(one.table)
+    split = {name for name, n, t in calls if n > 1 and t == 3}
+    assert {"_split_fit", "_decompose_batch", "separable_valid"} <= split
+
+
+def test_pieces_cover_the_rows_in_order():
+    from cellrna_pipeline.core.spots._threads import pieces
+
+    assert pieces(10, 1, 2, 100) == [(0, 10)]
+    assert pieces(10, 1, 2, 4) == [(0, 3), (3, 6), (6, 10)]
+    parts = pieces(1000, 2, 100, 8192)
+    assert len(parts) == 8 and parts[0][0] == 0 and parts[-1][1] == 1000
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(parts))
+    assert pieces(50, 2, 100, 8192) == [(0, 50)]
+    assert pieces(0, 2, 1, 10) == [(0, 0)]
+
+
+def test_overlapping_finds_every_pair_within_the_span():
+    from cellrna_pipeline.core.spots._kernels import overlapping
+
+    rng = np.random.default_rng(3)
+    for trial in range(20):
+        hi = rng.integers(1, 50, 3)
+        a = rng.integers(-3, hi, (int(rng.integers(1, 120)), 3))
+        b = rng.integers(0, hi + 3, (int(rng.integers(1, 150)), 3))
+        if trial % 4 == 0:  # a 2-D image: every z is 0
+            a[:, 0] = b[:, 0] = 0
+        span = rng.integers(0, 6, 3)
+        expected = np.argwhere((np.abs(a[:, None] - b[None]) <= span).all(axis=2))
+        got = overlapping(a, b, span)
+        assert sorted(map(tuple, got)) == sorted(map(tuple, expected))
+    far = np.array([[0, 0, 0], [300, 5000, 5000]])  # a coarse grid: memory stays small
+    assert sorted(map(tuple, overlapping(far, far, np.array([2, 4, 4])))) == [(0, 0), (1, 1)]
+
+
+def test_principal_axes_match_lapack():
+    from cellrna_pipeline.core.spots._kernels import principal_axes
+
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(200, 3, 3))
+    cov = x @ x.transpose(0, 2, 1)
+    cov[:20, 0, :] = cov[:20, :, 0] = 0.0  # 2-D: no z extent
+    cov[20:30] = np.diag([1.0, 3.0, 3.0])  # the largest eigenvalue repeated
+    cov[30:40] = 2.0 * np.eye(3)
+    values, vectors = principal_axes(cov)
+    w, v = np.linalg.eigh(cov)
+    np.testing.assert_allclose(values, w[:, -1], atol=1e-12)
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0)
+    np.testing.assert_allclose(
+        np.einsum("nij,nj->ni", cov, vectors), values[:, None] * vectors, atol=1e-10
+    )
+    distinct = slice(40, None)
+    assert (np.abs((vectors[distinct] * v[distinct, :, -1]).sum(axis=1)) > 1 - 1e-9).all()
 
 
 CLUSTERS = [(16.0, 16.0), (16.0, 48.0), (48.0, 16.0), (48.0, 48.0)]
@@ -300,6 +383,24 @@ def test_rasterize_spots_ellipsoids_nearest_wins():
     assert (r.sizes >= 1).all()
     # the isolated spot covers the voxels within one sigma: 5 in-plane (a plus), one plane
     assert r.sizes[2] == 5
+
+
+def test_rasterize_spots_matches_the_rule_voxel_by_voxel():
+    """Brute force over the volume: nearest centre within one sigma (ties: the lower
+    spot), the rounded centre always its spot's own, clipped into the volume."""
+    rng = np.random.default_rng(5)
+    shape, sigma = (6, 18, 18), (0.7, 1.3, 1.1)
+    centres = rng.uniform(-0.6, np.array(shape) - 0.4, (40, 3))
+    centres[:8] = np.round(centres[:8])  # shared and integer centres: ties
+    centres[8] = centres[0]
+    got = rasterize_spots(centres, shape, sigma_vox=sigma, labels=True).labels
+    grid = np.stack(np.meshgrid(*[np.arange(s) for s in shape], indexing="ij"), axis=-1)
+    d = np.sqrt((((grid[..., None, :] - centres) / sigma) ** 2).sum(axis=-1))
+    rounded = np.clip(np.rint(centres).astype(int), 0, np.array(shape) - 1)
+    for i, r in enumerate(rounded):
+        d[tuple(r)][i] = -1.0
+    expected = np.where(d.min(axis=-1) <= 1.0, d.argmin(axis=-1) + 1, 0)
+    np.testing.assert_array_equal(got, expected)
 
 
 def test_assign_spots_compartments_and_anisotropic_distance():

@@ -14,10 +14,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from cellrna_pipeline.core.spots import _kernels as _k
+from cellrna_pipeline.core.spots._threads import pieces, thread_map
 
 GAUSS_TRUNCATE = 3.0
 NOISE_STRIDE_YX = 4  # noise sample: every voxel with y % 4 == 0 and x % 4 == 0 ...
 NOISE_SAMPLE_MAX = 4_000_000  # ... thinned (see noise_strides) to at most this many values
+_MIN_SLAB_PLANES = 4  # a band-pass pass goes to threads in slabs of at least this many planes
 
 
 @dataclass(frozen=True)
@@ -74,7 +76,7 @@ class Filters:
             )
         )
 
-    def bandpass_pair(self, block: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def bandpass_pair(self, block: np.ndarray, threads: int = 1) -> tuple[np.ndarray, np.ndarray]:
         """``(P, D)``: band-passes ``G(s) * I - box(G(s) * I)`` with the peak-finding
         Gaussian (``P``, whose local maxima locate spots) and the thresholding one (``D =
         G(rest) * P``, a cascade: Gaussian and box filters commute). float32, the block's
@@ -84,7 +86,7 @@ class Filters:
         the neighbouring spots, and subtracting it is what separates them. The block is
         mirrored once at its faces (scipy's ``reflect``; every kernel is symmetric, so
         this equals mirroring before each pass) and every pass keeps only the voxels its
-        kernel fully covers.
+        kernel fully covers. Each pass's planes are spread over ``threads`` threads.
         """
         peak = [_gauss_kernel(s) for s in self.peak_smooth_vox]
         rest = [_gauss_kernel(s) for s in self._rest_vox]
@@ -92,11 +94,11 @@ class Filters:
         rb = [b // 2 for b in self.background_size]
         pad = [len(k) // 2 + b + r for k, b, r in zip(peak, rb, rr, strict=True)]
         x = np.pad(block.astype(np.float32, copy=False), [(p, p) for p in pad], mode="symmetric")
-        x = _k.separable_valid(x, peak[0], peak[1], peak[2], False)
+        x = _separable(x, peak, False, threads)
         box = [np.full(b, 1.0 / b, dtype=np.float32) for b in self.background_size]
-        background = _k.separable_valid(x, box[0], box[1], box[2], True)
+        background = _separable(x, box, True, threads)
         peak_band = x[tuple(slice(b, x.shape[a] - b) for a, b in enumerate(rb))] - background
-        band = _k.separable_valid(peak_band, rest[0], rest[1], rest[2], False)
+        band = _separable(peak_band, rest, False, threads)
         core = tuple(slice(r, peak_band.shape[a] - r) for a, r in enumerate(rr))
         return peak_band[core], band
 
@@ -127,6 +129,24 @@ class Filters:
         delta = np.zeros([2 * h + 1 for h in half], dtype=np.float32)
         delta[tuple(half)] = 1.0
         return float(np.sqrt((self.bandpass(delta).astype(np.float64) ** 2).sum()))
+
+
+def _separable(a: np.ndarray, w: list[np.ndarray], box: bool, threads: int) -> np.ndarray:
+    """:func:`._kernels.separable_valid` of ``a`` with the kernels ``w`` ``(z, y, x)``,
+    slabs of output planes on ``threads`` threads (each plane on its own: the same
+    values for any thread count)."""
+    r = [len(k) // 2 for k in w]
+    out = np.empty(tuple(n - 2 * h for n, h in zip(a.shape, r, strict=True)), np.float32)
+    a = np.ascontiguousarray(a)
+    thread_map(
+        _k.separable_valid,
+        [
+            (a[z0 : z1 + 2 * r[0]], w[0], w[1], w[2], box, out[z0:z1])
+            for z0, z1 in pieces(len(out), threads, _MIN_SLAB_PLANES, len(out) or 1)
+        ],
+        threads,
+    )
+    return out
 
 
 def _gauss_kernel(sigma: float) -> np.ndarray:
@@ -267,6 +287,7 @@ def block_candidates(
     suppression: list[tuple[int, int, int]] | None = None,
     gate_sigma: float | None = None,
     strides: tuple[int, int, int] = (1, NOISE_STRIDE_YX, NOISE_STRIDE_YX),
+    threads: int = 1,
 ) -> BlockCandidates:
     """Band-pass ``block`` and return the extrema of its ``core``.
 
@@ -280,8 +301,9 @@ def block_candidates(
     gate_sigma : report only extrema above this many noise sigmas of the block's own
         noise sample; ``None``: all above 0.
     strides : of the global noise-sample lattice (:func:`noise_strides`).
+    threads : for the band-pass (the result does not depend on it).
     """
-    peak_band, band = filters.bandpass_pair(block)
+    peak_band, band = filters.bandpass_pair(block, threads)
     sample_core = band[core]
     first = [(-(o + c.start)) % s for o, c, s in zip(origin, core, strides, strict=True)]
     lattice = tuple(slice(f, None, s) for f, s in zip(first, strides, strict=True))

@@ -413,32 +413,64 @@ def greedy_colours(pairs: np.ndarray, key: np.ndarray) -> np.ndarray:
 @numba.njit(cache=_CACHE, nogil=True)
 def overlapping(a: np.ndarray, b: np.ndarray, span: np.ndarray) -> np.ndarray:
     """Pairs ``(i, j)`` ``(m, 2)`` int64 with ``|a[i] - b[j]| <= span`` on every axis
-    (``a`` ``(n, 3)``, ``b`` ``(p, 3)`` int64 voxels; ``span`` ``(3,)``): ``b`` sorted by
-    ``(z, y)``, each ``a[i]`` looks up the ``2 span_z + 1`` runs of rows it can reach."""
-    lo = np.empty(2, np.int64)  # the smallest z and y anyone can reach
-    for ax in range(2):
-        lo[ax] = min(a[:, ax].min(), b[:, ax].min()) - span[ax]
-    width = max(a[:, 1].max(), b[:, 1].max()) - lo[1] + span[1] + 1
-    key_b = (b[:, 0] - lo[0]) * width + (b[:, 1] - lo[1])
-    order = np.argsort(key_b)
-    sorted_b = key_b[order]
-    out = np.empty((max(16, 4 * len(a)), 2), np.int64)
+    (``a`` ``(n, 3)``, ``b`` ``(p, 3)`` int64 voxels; ``span`` ``(3,)``), ``i`` ascending.
+
+    ``b`` is binned into a grid of cells ``span`` wide per axis (coarser where the grid
+    would have more than ``max(4 p, 2^20)`` cells: memory stays bounded by the points),
+    so each ``a[i]`` looks at the 27 cells around its own only.
+    """
+    if len(a) == 0 or len(b) == 0:
+        return np.empty((0, 2), np.int64)
+    lo = np.empty(3, np.int64)
+    size = np.empty(3, np.int64)
+    dims = np.empty(3, np.int64)
+    for ax in range(3):
+        lo[ax] = min(a[:, ax].min(), b[:, ax].min())
+        size[ax] = max(span[ax], 1)
+    while True:
+        for ax in range(3):
+            dims[ax] = (max(a[:, ax].max(), b[:, ax].max()) - lo[ax]) // size[ax] + 1
+        if dims[0] * dims[1] * dims[2] <= max(4 * len(b), 1 << 20):
+            break
+        size *= 2
+    start = np.zeros(dims[0] * dims[1] * dims[2] + 1, np.int64)
+    cell_b = np.empty(len(b), np.int64)
+    for j in range(len(b)):
+        c = ((b[j, 0] - lo[0]) // size[0] * dims[1] + (b[j, 1] - lo[1]) // size[1]) * dims[2] + (
+            b[j, 2] - lo[2]
+        ) // size[2]
+        cell_b[j] = c
+        start[c + 1] += 1
+    for c in range(len(start) - 1):
+        start[c + 1] += start[c]
+    fill = start[:-1].copy()
+    members = np.empty(len(b), np.int64)  # b's points cell by cell, ascending within one
+    for j in range(len(b)):
+        members[fill[cell_b[j]]] = j
+        fill[cell_b[j]] += 1
+    out = np.empty((max(16, 8 * len(a)), 2), np.int64)
     m = 0
     for i in range(len(a)):
-        for z in range(a[i, 0] - span[0], a[i, 0] + span[0] + 1):
-            row = (z - lo[0]) * width - lo[1]
-            first = np.searchsorted(sorted_b, row + a[i, 1] - span[1])
-            last = np.searchsorted(sorted_b, row + a[i, 1] + span[1], side="right")
-            for t in range(first, last):
-                j = order[t]
-                if abs(b[j, 2] - a[i, 2]) <= span[2]:
-                    if m == len(out):
-                        grown = np.empty((2 * m, 2), np.int64)
-                        grown[:m] = out
-                        out = grown
-                    out[m, 0] = i
-                    out[m, 1] = j
-                    m += 1
+        cz = (a[i, 0] - lo[0]) // size[0]
+        cy = (a[i, 1] - lo[1]) // size[1]
+        cx = (a[i, 2] - lo[2]) // size[2]
+        for z in range(max(cz - 1, 0), min(cz + 2, dims[0])):
+            for y in range(max(cy - 1, 0), min(cy + 2, dims[1])):
+                row = (z * dims[1] + y) * dims[2]
+                for t in range(start[row + max(cx - 1, 0)], start[row + min(cx + 2, dims[2])]):
+                    j = members[t]
+                    if (
+                        abs(b[j, 0] - a[i, 0]) <= span[0]
+                        and abs(b[j, 1] - a[i, 1]) <= span[1]
+                        and abs(b[j, 2] - a[i, 2]) <= span[2]
+                    ):
+                        if m == len(out):
+                            grown = np.empty((2 * m, 2), np.int64)
+                            grown[:m] = out
+                            out = grown
+                        out[m, 0] = i
+                        out[m, 1] = j
+                        m += 1
     return out[:m].copy()
 
 
@@ -553,11 +585,12 @@ def _rows_along(src: np.ndarray, w: np.ndarray, box: bool, step: int, dst: np.nd
 
 @numba.njit(cache=_CACHE, nogil=True)
 def separable_valid(
-    a: np.ndarray, wz: np.ndarray, wy: np.ndarray, wx: np.ndarray, box: bool
-) -> np.ndarray:
+    a: np.ndarray, wz: np.ndarray, wy: np.ndarray, wx: np.ndarray, box: bool, out: np.ndarray
+) -> None:
     """Separable filter of ``a`` ``(z, y, x)`` float32 with symmetric odd float32 kernels
     along z, y and x, only where they fit (each axis shrinks by its kernel's length - 1),
-    one output plane at a time (its intermediate planes stay in the CPU cache).
+    into ``out`` (float32, that shape; planes ``z .. z + len(wz) - 1`` of ``a`` give plane
+    ``z``), one output plane at a time (its intermediate planes stay in the CPU cache).
 
     The arithmetic of the numpy / ndimage passes it replaced, so band-passes are
     bit-identical (chunked and single-block runs agree): along z and y in float32 (see
@@ -565,10 +598,9 @@ def separable_valid(
     ``ndimage.correlate1d`` does it (float64 sums from the outermost pair in, rounded to
     float32 once).
     """
-    rz, ry, rx = len(wz) // 2, len(wy) // 2, len(wx) // 2
-    nz, ny, nx = a.shape
-    out = np.empty((nz - 2 * rz, ny - 2 * ry, nx - 2 * rx), np.float32)
-    flat = a.reshape(nz * ny, nx)
+    ry, rx = len(wy) // 2, len(wx) // 2
+    ny, nx = a.shape[1], a.shape[2]
+    flat = a.reshape(a.shape[0] * ny, nx)
     plane = np.empty((ny, nx), np.float32)
     rows = np.empty((ny - 2 * ry, nx), np.float32)
     m = nx - 2 * rx
@@ -590,7 +622,6 @@ def separable_valid(
             o = out[z, y]
             for x in range(m):
                 o[x] = acc[x]
-    return out
 
 
 @numba.njit(cache=_CACHE, nogil=True)
@@ -696,3 +727,136 @@ def matching_pursuit(
                         res[z, y, x] -= ref_height * (f[0, z] * f[1, y] * f[2, x])
             m += 1
     return pos[:m].copy(), owner[:m].copy()
+
+
+@numba.njit(cache=_CACHE, nogil=True)
+def spot_voxels(
+    centres: np.ndarray, rounded: np.ndarray, shape: np.ndarray, inv: np.ndarray,
+    reach: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    """The voxels of spot instance masks (see :mod:`.labels`): flat voxel ids ``(m,)``
+    int64 (sorted) and the spot that owns each ``(m,)`` int64.
+
+    ``centres`` ``(n, 3)`` float64 sub-voxel centres, ``rounded`` ``(n, 3)`` int64 their
+    voxels (inside the volume), ``shape`` ``(3,)``, ``inv`` ``(3,)`` 1 / sigma (0 on an
+    axis without extent), ``reach`` ``(3,)`` the box searched around ``rounded``. A voxel
+    within one sigma (normalized distance ``<= 1``) belongs to the nearest centre (ties:
+    the lower spot), and a spot's rounded voxel is its own (distance -1).
+    """
+    n = len(centres)
+    box = (2 * reach[0] + 1) * (2 * reach[1] + 1) * (2 * reach[2] + 1)
+    flat = np.empty(n * box, np.int64)
+    owner = np.empty(n * box, np.int64)
+    dist = np.empty(n * box)
+    m = 0
+    for i in range(n):
+        for z in range(rounded[i, 0] - reach[0], rounded[i, 0] + reach[0] + 1):
+            if z < 0 or z >= shape[0]:
+                continue
+            uz = (z - centres[i, 0]) * inv[0]
+            for y in range(rounded[i, 1] - reach[1], rounded[i, 1] + reach[1] + 1):
+                if y < 0 or y >= shape[1]:
+                    continue
+                uy = (y - centres[i, 1]) * inv[1]
+                for x in range(rounded[i, 2] - reach[2], rounded[i, 2] + reach[2] + 1):
+                    if x < 0 or x >= shape[2]:
+                        continue
+                    ux = (x - centres[i, 2]) * inv[2]
+                    d = math.sqrt(uz * uz + uy * uy + ux * ux)
+                    if z == rounded[i, 0] and y == rounded[i, 1] and x == rounded[i, 2]:
+                        d = -1.0
+                    elif d > 1.0:
+                        continue
+                    flat[m] = (z * shape[1] + y) * shape[2] + x
+                    owner[m] = i
+                    dist[m] = d
+                    m += 1
+    order = np.argsort(flat[:m])
+    out_flat = np.empty(m, np.int64)
+    out_owner = np.empty(m, np.int64)
+    k = 0
+    t = 0
+    while t < m:
+        best = order[t]
+        v = flat[best]
+        t += 1
+        while t < m and flat[order[t]] == v:
+            j = order[t]
+            if dist[j] < dist[best] or (dist[j] == dist[best] and owner[j] < owner[best]):
+                best = j
+            t += 1
+        out_flat[k] = v
+        out_owner[k] = owner[best]
+        k += 1
+    return out_flat[:k].copy(), out_owner[:k].copy()
+
+
+@numba.njit(cache=_CACHE, nogil=True)
+def principal_axes(cov: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Largest eigenvalue ``(n,)`` and a unit eigenvector of it ``(n, 3)`` of symmetric
+    ``(n, 3, 3)`` matrices, in closed form (trigonometric eigenvalues; the eigenvector as
+    the longest cross product of two rows of ``A - lambda I``). Where that eigenvalue is
+    repeated any unit vector of its eigenspace is returned (``(0, 0, 1)`` for a multiple
+    of the identity). No LAPACK call (its threads would spin on the other cores)."""
+    n = len(cov)
+    values = np.empty(n)
+    vectors = np.zeros((n, 3))
+    m = np.empty((3, 3))
+    best = np.empty(3)
+    c = np.empty(3)
+    for i in range(n):
+        a = cov[i]
+        p1 = a[0, 1] ** 2 + a[0, 2] ** 2 + a[1, 2] ** 2
+        q = (a[0, 0] + a[1, 1] + a[2, 2]) / 3.0
+        if p1 == 0.0:
+            lam = max(a[0, 0], a[1, 1], a[2, 2])
+        else:
+            p2 = (a[0, 0] - q) ** 2 + (a[1, 1] - q) ** 2 + (a[2, 2] - q) ** 2 + 2.0 * p1
+            p = math.sqrt(p2 / 6.0)
+            for r in range(3):
+                for s in range(3):
+                    m[r, s] = (a[r, s] - (q if r == s else 0.0)) / p
+            det = (
+                m[0, 0] * (m[1, 1] * m[2, 2] - m[1, 2] * m[2, 1])
+                - m[0, 1] * (m[1, 0] * m[2, 2] - m[1, 2] * m[2, 0])
+                + m[0, 2] * (m[1, 0] * m[2, 1] - m[1, 1] * m[2, 0])
+            )
+            lam = q + 2.0 * p * math.cos(math.acos(min(1.0, max(-1.0, det / 2.0))) / 3.0)
+        values[i] = lam
+        scale = 0.0
+        for r in range(3):
+            for s in range(3):
+                m[r, s] = a[r, s] - (lam if r == s else 0.0)
+                scale = max(scale, abs(m[r, s]))
+        top = 0.0
+        for r, s in ((0, 1), (0, 2), (1, 2)):
+            c[0] = m[r, 1] * m[s, 2] - m[r, 2] * m[s, 1]
+            c[1] = m[r, 2] * m[s, 0] - m[r, 0] * m[s, 2]
+            c[2] = m[r, 0] * m[s, 1] - m[r, 1] * m[s, 0]
+            norm = c[0] ** 2 + c[1] ** 2 + c[2] ** 2
+            if norm > top:
+                top = norm
+                best[:] = c
+        if top <= (1e-10 * scale * scale) ** 2:  # rank <= 1: lambda is repeated
+            row, top = 0, 0.0
+            for r in range(3):
+                norm = m[r, 0] ** 2 + m[r, 1] ** 2 + m[r, 2] ** 2
+                if norm > top:
+                    row, top = r, norm
+            if top <= (1e-12 * max(abs(lam), 1e-300)) ** 2:  # a multiple of the identity
+                best[:] = 0.0
+                best[2] = 1.0
+            else:  # orthogonal to that row: its cross product with the axis least along it
+                k = 0
+                for s in range(3):
+                    if abs(m[row, s]) < abs(m[row, k]):
+                        k = s
+                c[:] = 0.0
+                c[k] = 1.0
+                best[0] = m[row, 1] * c[2] - m[row, 2] * c[1]
+                best[1] = m[row, 2] * c[0] - m[row, 0] * c[2]
+                best[2] = m[row, 0] * c[1] - m[row, 1] * c[0]
+        norm = math.sqrt(best[0] ** 2 + best[1] ** 2 + best[2] ** 2)
+        for s in range(3):
+            vectors[i, s] = best[s] / norm
+    return values, vectors

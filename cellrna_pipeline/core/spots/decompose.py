@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from cellrna_pipeline.core.spots import _kernels as _k
+from cellrna_pipeline.core.spots._threads import pieces, thread_map
 from cellrna_pipeline.core.spots.fit import gather
 
 __all__ = ["Blobs", "decompose_blobs", "point_extent"]
@@ -32,7 +33,8 @@ _MASS_RADIUS = 4.0  # a cluster's spots are looked for within this many sigmas
 _STOP_LEVEL = 0.5
 _HALF_SIGMAS = 5.0  # window: +-(5 sigma + 1) around the peak ...
 _MARGIN_SIGMAS = 3.0  # ... read with a margin of 3 sigma for the smoothing
-_BATCH_BLOBS = 256  # blobs processed together (memory: their windows)
+_BATCH_BLOBS = 256  # blobs processed together (memory: their windows), at most ...
+_MIN_BATCH_BLOBS = 64  # ... and at least, when they are spread over threads
 _PAD_VOXELS = 8_000_000  # in-memory images up to this size are mirrored whole, once
 
 
@@ -141,10 +143,12 @@ def _extents(smooth: np.ndarray, region: np.ndarray, sigma: np.ndarray) -> np.nd
     grids = np.meshgrid(*[np.arange(n, dtype=np.float64) for n in smooth.shape[1:]], indexing="ij")
     coords = np.stack([grids[a].ravel() / sigma[a] for a in axes])  # (d, k)
     safe = np.where(total > 0, total, 1.0)
-    mean = w @ coords.T / safe[:, None]  # (nb, d)
+    mean = np.einsum("nk,dk->nd", w, coords) / safe[:, None]  # (nb, d); no BLAS threads
     second = np.einsum("nk,ik,jk->nij", w, coords, coords) / safe[:, None, None]
     cov = second - mean[:, :, None] * mean[:, None, :]
-    out = np.linalg.eigvalsh(cov)[:, -1]
+    if cov.shape[1] < 3:  # 2-D: the z row and column are 0 (the covariance is >= 0)
+        cov = np.pad(cov, [(0, 0), (3 - cov.shape[1], 0), (3 - cov.shape[1], 0)])
+    out = _k.principal_axes(np.ascontiguousarray(cov))[0]
     return np.where(total > 0, out, 0.0)
 
 
@@ -156,6 +160,7 @@ def decompose_blobs(
     reference_amplitude: float,
     reference_extent: float,
     extent_ratio: float,
+    threads: int = 1,
 ) -> Blobs:
     """Decide for each blob whether it is one spot or a cluster, and split the clusters.
 
@@ -167,6 +172,8 @@ def decompose_blobs(
     reference_amplitude : amplitude (counts above background) of a typical single spot.
     reference_extent : :func:`point_extent` for ``sigma_vox``.
     extent_ratio : clusters are blobs whose extent exceeds the reference by this factor.
+    threads : batches of blobs are decomposed on this many threads (each blob on its own:
+        the result does not depend on it).
     """
     peaks = np.asarray(peaks_zyx, dtype=np.int64).reshape(-1, 3)
     args = (sigma_vox, reference_amplitude, reference_extent, extent_ratio)
@@ -178,10 +185,14 @@ def decompose_blobs(
         reach = _reach(np.asarray(sigma_vox, dtype=np.float64))
         padded = np.pad(vol, [(int(r), int(r)) for r in reach], mode="symmetric")
         windows = np.lib.stride_tricks.sliding_window_view(padded, tuple(2 * reach + 1))
-    parts = [
-        _decompose_batch(vol, peaks[order[i : i + _BATCH_BLOBS]], *args, windows=windows)
-        for i in range(0, max(len(peaks), 1), _BATCH_BLOBS)
-    ]
+    parts = thread_map(
+        _decompose_batch,
+        [
+            (vol, peaks[order[a:b]], *args, windows)
+            for a, b in pieces(max(len(peaks), 1), threads, _MIN_BATCH_BLOBS, _BATCH_BLOBS)
+        ],
+        threads,
+    )
     first = np.cumsum([0] + [len(p.extent) for p in parts[:-1]])
     blob = order[np.concatenate([p.spot_blob + f for p, f in zip(parts, first, strict=True)])]
     by_blob = np.argsort(blob, kind="stable")  # spots grouped by blob, in blob order

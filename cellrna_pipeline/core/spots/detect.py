@@ -36,6 +36,7 @@ import numpy as np
 import polars as pl
 from scipy.spatial import cKDTree
 
+from cellrna_pipeline.core.device import cpu_threads
 from cellrna_pipeline.core.errors import InputError
 from cellrna_pipeline.core.spots._candidates import (
     BlockCandidates,
@@ -216,6 +217,7 @@ def _candidates(
             suppression,
             gate_sigma,
             strides,
+            cpu_threads(),
         )
         return cand, cand.noise
 
@@ -434,6 +436,7 @@ def _decompose(
         reference_amplitude=reference,
         reference_extent=point_extent(sigma),
         extent_ratio=cfg.cluster_extent_ratio,
+        threads=cpu_threads(),
     )
     peak_flat = np.ravel_multi_index(tuple(peaks.T), shape)
     by_flat = np.argsort(peak_flat)

@@ -35,7 +35,9 @@ from typing import Any
 import numpy as np
 from scipy.spatial import cKDTree
 
+from cellrna_pipeline.core.device import cpu_threads
 from cellrna_pipeline.core.spots import _kernels as _k
+from cellrna_pipeline.core.spots._threads import pieces, thread_map
 
 __all__ = ["FitSettings", "SpotFit", "fit_spots", "gather"]
 
@@ -49,7 +51,8 @@ _DAMPING = 0.1  # Gauss-Newton steps of the refinement: Marquardt damping
 _EPS = _k.EPS
 _DENSE_POOL_VOXELS = 8_000_000  # in-memory images up to this size are used whole
 _NOISE_MODEL_VOXELS = 4_000_000  # the noise model reads at most about this many voxels
-_SPLIT_BATCH = 8192  # windows fitted together by the split test (memory)
+_SPLIT_BATCH = 8192  # windows fitted together by the split test, at most (memory)
+_SPLIT_PIECE = 128  # ... and at least, when they are spread over threads
 _WINDOW_BATCH = 16384  # spots whose windows are looked up (and read) together
 _GATHER_TILE = (32, 128, 2048)  # lazy slice-only arrays are read one such box at a time
 
@@ -362,7 +365,7 @@ def _split_start(model: _Model, rows: np.ndarray, data: np.ndarray) -> np.ndarra
         data, bg, model.weight[rows], pos, model.centres[rows], model.reach, model.inv2,
         model.sigma,
     )  # fmt: skip
-    axis = np.linalg.eigh(cov + _EPS * np.eye(3))[1][:, :, -1] * model.sigma
+    axis = _k.principal_axes(cov)[1] * model.sigma
     return np.concatenate(
         [
             (0.55 * amp)[:, None],
@@ -383,6 +386,7 @@ def fit_spots(
     sigma_vox: tuple[float, float, float],
     min_amplitude: float | np.ndarray,
     settings: FitSettings | None = None,
+    threads: int | None = None,
 ) -> SpotFit:
     """Fit all spots jointly, split unresolved pairs, drop spots below the threshold.
 
@@ -395,12 +399,15 @@ def fit_spots(
     min_amplitude : the detection threshold as a fitted amplitude (image units), one for
         all spots or ``(n,)``: every half of a split and every spot kept must reach it.
     settings : split and pruning parameters.
+    threads : for the split test's fits (default :func:`~cellrna_pipeline.core.device.
+        cpu_threads`); the result does not depend on it.
 
     Returns
     -------
     SpotFit, spots in position order.
     """
     cfg = settings or FitSettings()
+    threads = threads or cpu_threads()
     if len(zyx) == 0:
         return SpotFit(np.zeros((0, 3)), np.zeros(0), np.zeros(0), 0, 0, float("nan"), float("nan"))
     model = _Model(vol, sigma_vox)
@@ -415,10 +422,14 @@ def fit_spots(
     for _ in range(cfg.split_rounds):
         if not len(test):
             break
-        parts = [
-            _split_fit(model, test[i : i + _SPLIT_BATCH], noise_var, gain, cfg.min_delta_chi2)
-            for i in range(0, len(test), _SPLIT_BATCH)
-        ]
+        parts = thread_map(
+            _split_fit,
+            [
+                (model, test[a:b], noise_var, gain, cfg.min_delta_chi2)
+                for a, b in pieces(len(test), threads, _SPLIT_PIECE, _SPLIT_BATCH)
+            ],
+            threads,
+        )
         two, chi2_one, chi2_two = (np.concatenate(p) for p in zip(*parts, strict=True))
         a1, p1, a2, p2 = two[:, 0], two[:, 1:4], two[:, 4], two[:, 5:8]
         # misfit beyond the noise model (texture, a wrong PSF) scales the test up
@@ -469,7 +480,8 @@ def _split_fit(
     model: _Model, rows: np.ndarray, noise_var: float, gain: float, min_gain: float
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Two-spot fits of the windows of ``rows``: parameters ``(n, 9)`` and the weighted
-    residual sums of squares of the one- and the two-spot fit ``(n,)`` each."""
+    residual sums of squares of the one- and the two-spot fit ``(n,)`` each. Reads the
+    model only (threads may fit other rows at the same time)."""
     data, g = model.window_data(rows)
     sqrt_w = _weights(model, rows, noise_var, gain)
     start = _split_start(model, rows, data)
@@ -512,7 +524,10 @@ def _noise_model(model: _Model) -> tuple[float, float]:
     y = np.median(resid[order] ** 2, axis=1) / 0.455
     if nbins < 3 or np.ptp(x) <= 0:
         return max(float(np.median(y)), _EPS), 0.0
-    gain, noise_var = np.polyfit(x, y, 1)
+    # least-squares line y = noise_var + gain x (closed form: no LAPACK threads)
+    xc = x - x.mean()
+    gain = float((xc * (y - y.mean())).sum() / (xc * xc).sum())
+    noise_var = float(y.mean() - gain * x.mean())
     noise_var = float(y[0]) if noise_var <= 0 else float(noise_var)
     return max(noise_var, _EPS), max(float(gain), 0.0)
 

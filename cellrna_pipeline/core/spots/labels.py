@@ -8,14 +8,13 @@ centre always carries that spot (so no spot is empty unless two share a centre v
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["RasterizedSpots", "rasterize_spots"]
+from cellrna_pipeline.core.spots._kernels import spot_voxels
 
-_BATCH = 8192  # spots rasterized together
+__all__ = ["RasterizedSpots", "rasterize_spots"]
 
 
 @dataclass(frozen=True)
@@ -58,32 +57,10 @@ def rasterize_spots(
             np.zeros(0, np.int64), np.zeros(shape, np.uint32) if labels else None
         )
     sig = np.asarray(sigma_vox, dtype=np.float64)
-    reach = [int(np.ceil(s)) + 1 if s > 0 else 0 for s in sig]
-    offsets = np.array(list(itertools.product(*[range(-r, r + 1) for r in reach])), dtype=np.int64)
+    reach = np.array([int(np.ceil(s)) + 1 if s > 0 else 0 for s in sig], dtype=np.int64)
     inv = np.where(sig > 0, 1.0 / np.where(sig > 0, sig, 1.0), 0.0)
-    centre_off = np.all(offsets == 0, axis=1)
-    parts = []
-    for start in range(0, n, _BATCH):  # batches: the (spots, offsets, 3) arrays stay small
-        c = centres[start : start + _BATCH]
-        rounded = np.clip(np.rint(c).astype(np.int64), 0, np.array(shape) - 1)
-        # only the offsets that can be within one sigma of some centre of the batch
-        # (each is at most ``shift`` from its rounded voxel): most of the box is not
-        shift = np.abs(c - rounded).max(axis=0)
-        near = (((np.maximum(np.abs(offsets) - shift, 0.0) * inv) ** 2).sum(axis=1) <= 1.0) | (
-            centre_off
-        )
-        vox = rounded[:, None, :] + offsets[near][None]  # (batch, k, 3)
-        d = np.sqrt((((vox - c[:, None, :]) * inv) ** 2).sum(axis=2))
-        d[:, centre_off[near]] = -1.0  # the centre voxel is always the spot's own
-        inside = (d <= 1.0) & np.all((vox >= 0) & (vox < np.array(shape)), axis=2)
-        spot = np.broadcast_to(np.arange(start, start + len(c))[:, None], d.shape)[inside]
-        parts.append((np.ravel_multi_index(tuple(vox[inside].T), shape), spot, d[inside]))
-    flat, spot, dist = (np.concatenate(p) for p in zip(*parts, strict=True))
-    order = np.lexsort((spot, dist, flat))
-    flat, spot = flat[order], spot[order]
-    first = np.ones(len(flat), dtype=bool)
-    first[1:] = flat[1:] != flat[:-1]
-    flat, spot = flat[first], spot[first]
+    rounded = np.clip(np.rint(centres).astype(np.int64), 0, np.array(shape) - 1)
+    flat, spot = spot_voxels(centres, rounded, np.array(shape, dtype=np.int64), inv, reach)
     sizes = np.bincount(spot, minlength=n).astype(np.int64)
     out = None
     if labels:
