@@ -169,6 +169,7 @@ def test_thread_count_does_not_change_the_result(monkeypatch):
     from cellrna_pipeline.core.spots import _candidates, _threads, decompose, fit
 
     img = _clusters_image()
+    monkeypatch.setattr(fit, "_SLAB_SPOTS", 4)  # sweeps in slabs even on this tiny image
     monkeypatch.setenv("CELLRNA_THREADS", "1")
     one = detect_spots(img, voxel_size=VS)
     # small pieces, so that every threaded step is split even on this tiny image
@@ -189,7 +190,7 @@ def test_thread_count_does_not_change_the_result(monkeypatch):
     assert one.n_split >= 2
     assert three.table.equals(one.table)
     split = {name for name, n, t in calls if n > 1 and t == 3}
-    assert {"_split_fit", "_decompose_batch", "separable_valid"} <= split
+    assert {"_split_fit", "_decompose_batch", "separable_valid", "sweep"} <= split
 
 
 def test_pieces_cover_the_rows_in_order():
@@ -302,23 +303,24 @@ def test_fit_recovers_amplitudes_positions_and_the_shot_noise_gain():
     assert 0.2 < fit.gain < 1.5
 
 
-def test_colour_classes_have_disjoint_windows():
+def test_sweep_slabs_partition_the_spots_and_inner_windows_never_touch():
     from cellrna_pipeline.core.spots.fit import _Model
 
     rng = np.random.default_rng(0)
-    zyx = np.column_stack(
-        [rng.uniform(0, 8, 300), rng.uniform(0, 40, 300), rng.uniform(0, 40, 300)]
-    )
-    model = _Model(np.zeros((8, 40, 40), np.uint16), SIGMA)
-    model.set(zyx, np.ones(300), np.zeros(300), np.zeros(300))
-    classes = model.colours(np.arange(300))
-    assert sorted(np.concatenate(classes).tolist()) == list(range(300))
-    for cls in classes:
-        c = model.centres[cls]
-        d = np.abs(c[:, None, :] - c[None, :, :])
-        overlap = np.all(d <= 2 * model.reach, axis=2)
-        np.fill_diagonal(overlap, False)
-        assert not overlap.any()
+    n = 3000
+    zyx = np.column_stack([rng.uniform(0, 8, n), rng.uniform(0, 300, n), rng.uniform(0, 60, n)])
+    model = _Model(np.zeros((8, 300, 60), np.uint16), SIGMA)
+    model.set(zyx, np.ones(n), np.zeros(n), np.zeros(n))
+    rows = np.arange(0, n, 2)  # a subset, as after a split round
+    *inner, near = model.slabs(rows)
+    assert len(inner) == 5 and 0 < len(near) < len(rows) // 4
+    assert sorted(np.concatenate([*inner, near]).tolist()) == rows.tolist()
+    for a in range(len(inner)):
+        for b in range(a + 1, len(inner)):
+            d = np.abs(model.centres[inner[a]][:, None] - model.centres[inner[b]][None])
+            assert not np.all(d <= 2 * model.reach, axis=2).any()
+    few = model.slabs(rows[:100])  # too few for slabs: one sequential sweep
+    assert len(few) == 2 and len(few[0]) == 0 and few[1].tolist() == rows[:100].tolist()
 
 
 def test_bright_point_is_one_spot_and_cluster_is_split():

@@ -1,7 +1,7 @@
 """Compiled loops of the spot detector (numba): the band-pass's separable passes
 (:mod:`._candidates`), the cluster decomposition's smoothing, flood fill and matching
 pursuit (:mod:`.decompose`), and the joint Gaussian fit (:mod:`.fit`) one spot or window
-at a time, with its colouring and overlap look-ups.
+at a time, with its overlap look-ups.
 
 The fit works on thousands of windows of 75-405 voxels; as batched numpy its time went
 to per-call overhead and temporaries. Kernels compile on first use (about 19 s for all,
@@ -174,8 +174,8 @@ def sweep(
     ``model`` change in place; a position moves at most ``lim`` per axis, ``a`` stays
     >= 0. The derivative in ``p`` is taken at amplitude ``max(a, EPS)``.
 
-    Within a colour class the windows do not overlap, so a spot's step does not depend
-    on the others of its class and one after the other equals all at once.
+    Spots whose windows do not overlap touch different voxels of ``model``: two calls on
+    such sets may run at the same time (see ``fit._Model.slabs``).
     """
     lz, ly, lx = 2 * reach[0] + 1, 2 * reach[1] + 1, 2 * reach[2] + 1
     e = np.empty((3, max(lz, ly, lx)))
@@ -373,41 +373,6 @@ def split_fits(
                 break
         chi2_two[i] = cost
     return params, chi2_one, chi2_two
-
-
-@numba.njit(cache=_CACHE, nogil=True)
-def greedy_colours(pairs: np.ndarray, key: np.ndarray) -> np.ndarray:
-    """Colours of a graph's nodes (``pairs`` ``(m, 2)`` int64 edges, ``key`` ``(n,)``
-    distinct priorities): in order of decreasing key, each node takes the smallest colour
-    none of its neighbours of higher key has (the colouring Jones-Plassmann's rounds give).
-    """
-    n = len(key)
-    start = np.zeros(n + 1, np.int64)
-    for e in range(len(pairs)):
-        start[pairs[e, 0] + 1] += 1
-        start[pairs[e, 1] + 1] += 1
-    for v in range(n):
-        start[v + 1] += start[v]
-    fill = start[:-1].copy()
-    nbr = np.empty(start[n], np.int64)
-    for e in range(len(pairs)):
-        a, b = pairs[e, 0], pairs[e, 1]
-        nbr[fill[a]] = b
-        fill[a] += 1
-        nbr[fill[b]] = a
-        fill[b] += 1
-    colour = np.full(n, -1, np.int64)
-    seen = np.full(n + 1, -1, np.int64)  # seen[c] == v: a neighbour of v has colour c
-    for v in np.argsort(key)[::-1]:
-        for t in range(start[v], start[v + 1]):
-            c = colour[nbr[t]]
-            if c >= 0:
-                seen[c] = v
-        c = 0
-        while seen[c] == v:
-            c += 1
-        colour[v] = c
-    return colour
 
 
 @numba.njit(cache=_CACHE, nogil=True)

@@ -6,9 +6,10 @@ background ``b_i``, constant in the window of spot ``i`` (``+-2 sigma`` per axis
 follows crowded-field photometry (DAOPHOT's ALLSTAR and its successors):
 
 1. **Refinement** (Gauss-Seidel): each spot's ``(a, b, p)`` gets a damped Gauss-Newton step
-   on its window with every other spot's model subtracted. Spots whose windows overlap are
-   never updated together (lattice colouring): updated at once (Jacobi), two overlapping
-   spots both claim the light they share and the fit oscillates.
+   on its window with every other spot's model subtracted, one spot after the other, so
+   two overlapping spots never both claim the light they share (updated at once, as in
+   Jacobi iterations, the fit oscillates). Spots in slabs along y whose windows cannot
+   touch are swept on several threads at once, which is the same as one after the other.
 2. **Split test** (likelihood ratio with a noise variance estimated from all windows):
    two Gaussians are fitted to each tested window (Levenberg-Marquardt, started either
    side of the centre along the principal axis of the window's light) and replace the one
@@ -53,6 +54,8 @@ _DENSE_POOL_VOXELS = 8_000_000  # in-memory images up to this size are used whol
 _NOISE_MODEL_VOXELS = 4_000_000  # the noise model reads at most about this many voxels
 _SPLIT_BATCH = 8192  # windows fitted together by the split test, at most (memory)
 _SPLIT_PIECE = 128  # ... and at least, when they are spread over threads
+_MAX_SLABS = 8  # sweeps: the spots fall into up to this many slabs along y ...
+_SLAB_SPOTS = 256  # ... of at least this many spots (fewer: one sequential sweep)
 _WINDOW_BATCH = 16384  # spots whose windows are looked up (and read) together
 _GATHER_TILE = (32, 128, 2048)  # lazy slice-only arrays are read one such box at a time
 
@@ -184,8 +187,9 @@ class _Model:
     the spot's rounded centre, so its Gaussian is an outer product of three 1-D ones.
     """
 
-    def __init__(self, vol: Any, sigma_vox: tuple[float, float, float]) -> None:
+    def __init__(self, vol: Any, sigma_vox: tuple[float, float, float], threads: int = 1) -> None:
         self.pool = _Pool(vol, tuple(int(s) for s in vol.shape))
+        self.threads = threads  # for the sweeps (the result does not depend on it)
         self.sigma = np.asarray(sigma_vox, dtype=np.float64)
         # axes without extent (z of a 2-D image): the Gaussian does not depend on p_a
         self.inv2 = np.where(self.sigma > 0, 1.0 / np.maximum(self.sigma, _EPS) ** 2, 0.0)
@@ -310,29 +314,26 @@ class _Model:
         )  # fmt: skip
 
     # --- refinement ----------------------------------------------------------------
-    def colours(self, rows: np.ndarray) -> list[np.ndarray]:
-        """``rows`` in classes whose windows do not overlap: independent sets of the
-        overlap graph (Jones-Plassmann: a spot joins the current class when its priority,
-        a hash of its voxel, beats that of every neighbour not yet in a class; it takes
-        the smallest class none of its neighbours of higher priority is in)."""
-        c = self.centres[rows]
-        pairs = _k.overlapping(c, c, 2 * self.reach)
-        pairs = pairs[pairs[:, 0] < pairs[:, 1]]
-        if not len(pairs):
-            return [rows]
-        c = c.astype(np.uint64)
-        prio = (c[:, 0] * np.uint64(73856093)) ^ (c[:, 1] * np.uint64(19349663))
-        prio = (prio ^ (c[:, 2] * np.uint64(83492791))) % np.uint64(1 << 40)
-        key = prio * np.uint64(len(rows)) + np.arange(len(rows), dtype=np.uint64)
-        colour = _k.greedy_colours(pairs, key)
-        order = np.argsort(colour, kind="stable")
-        cuts = np.flatnonzero(np.diff(colour[order])) + 1
-        classes = np.split(rows[order], cuts)
-        return classes
+    def slabs(self, rows: np.ndarray) -> list[np.ndarray]:
+        """``rows`` in groups for a sweep: the spots inside each of up to ``_MAX_SLABS``
+        slabs along y, then (last) those within ``reach`` of a cut between slabs. Windows
+        of different slabs' inner spots are more than ``2 reach`` apart in y, so they never
+        share a voxel: those groups may be swept at the same time. Position order within
+        a group; the groups depend on the spots only, never on the thread count."""
+        count = min(_MAX_SLABS, len(rows) // _SLAB_SPOTS)
+        if count <= 1:
+            return [rows[:0], rows]
+        y = self.centres[rows, 1]
+        lo, hi = int(y.min()), int(y.max())
+        cuts = np.floor(lo + (hi - lo + 1) * np.arange(1, count) / count) - 0.5
+        slab = np.searchsorted(cuts, y)
+        near = np.abs(y[:, None] - cuts[None]).min(axis=1) <= self.reach[1]
+        inner = [rows[(slab == k) & ~near] for k in range(count)]
+        return [*inner, rows[near]]
 
     def sweep(self, order: np.ndarray) -> None:
-        """One Gauss-Seidel sweep over the spots ``order`` (class after class): a damped
-        Gauss-Newton step on each spot's ``(a, b, p)``, on unchanged windows."""
+        """One Gauss-Seidel sweep over the spots ``order``: a damped Gauss-Newton step
+        on each spot's ``(a, b, p)``, on unchanged windows."""
         _k.sweep(
             order, self.zyx, self.amp, self.bg, self.centres, self.slot, self.weight,
             self.reach, self.inv2, _MAX_STEP_SIGMAS * self.sigma, _DAMPING,
@@ -340,14 +341,15 @@ class _Model:
         )  # fmt: skip
 
     def refine(self, rows: np.ndarray, sweeps: int) -> None:
-        """Gauss-Seidel sweeps over ``rows`` (classes from the windows at the start; a
-        window that moves in between may overlap one of its class: still correct, each
-        spot's step sees the model as the spots before it left it)."""
+        """Gauss-Seidel sweeps over ``rows``, the inner spots of the slabs on
+        ``self.threads`` threads, then the spots near the cuts (:meth:`slabs`); the
+        windows move to the spots' new centres after each sweep."""
         if not len(rows):
             return
-        order = np.concatenate(self.colours(rows))
         for _ in range(sweeps):
-            self.sweep(order)
+            *inner, near = self.slabs(rows)
+            thread_map(self.sweep, [(g,) for g in inner if len(g)], self.threads)
+            self.sweep(near)
             self.recentre()
 
     def neighbours(self, rows: np.ndarray) -> np.ndarray:
@@ -410,7 +412,7 @@ def fit_spots(
     threads = threads or cpu_threads()
     if len(zyx) == 0:
         return SpotFit(np.zeros((0, 3)), np.zeros(0), np.zeros(0), 0, 0, float("nan"), float("nan"))
-    model = _Model(vol, sigma_vox)
+    model = _Model(vol, sigma_vox, threads)
     floor = np.broadcast_to(np.asarray(min_amplitude, dtype=np.float64), (len(zyx),))
     model.set(np.asarray(zyx, dtype=np.float64), np.asarray(amplitude), np.zeros(len(zyx)), floor)
     model.refine(np.arange(len(model.zyx)), cfg.refine_sweeps)
