@@ -303,6 +303,62 @@ def test_dim_end_slices_are_trimmed():
     assert not out[0].any() and out[1:5].any() and (out[4] == cells[4]).all()
 
 
+def test_object_contrast_against_the_background_around_each_object():
+    from cellrna_pipeline.core.segmentation.inference import object_contrast
+
+    stain = np.full((8, 40, 60), 0.2, np.float32)
+    labels = np.zeros(stain.shape, np.int32)
+    labels[2:6, 5:15, 5:15] = 1
+    stain[2:6, 5:15, 5:15] = 1.0  # a nucleus
+    labels[2:6, 25:35, 5:15] = 2
+    stain[2:6, 25:35, 5:15] = 0.23  # out-of-focus light: barely above its surroundings
+    labels[2:6, 5:15, 40:50] = 4  # id 3 absent
+    stain[2:6, 5:15, 40:50] = 0.7
+    stain[:, :, 30:] += 0.1  # brighter background on the right: measured locally
+    c = object_contrast(labels, stain, radius_px=3.0, anisotropy=2.0)
+    assert c.shape == (5,) and np.isnan(c[0]) and np.isnan(c[3])
+    assert c[1] == pytest.approx(0.8) and c[2] == pytest.approx(0.03, abs=1e-6)
+    assert c[4] == pytest.approx(0.5)  # 0.8 inside, 0.3 around
+    assert np.all(
+        np.isinf(object_contrast(np.ones((4, 4), np.int32), stain[0, :4, :4], radius_px=2)[1:])
+    )
+
+
+def test_dim_objects_are_dropped_from_a_volume():
+    """A nucleus and a patch of out-of-focus light that a 2D model takes for a nucleus."""
+    from scipy import ndimage as ndi
+
+    from cellrna_pipeline.core.segmentation.inference import InferenceConfig, segment_volume
+
+    rng = np.random.default_rng(0)
+    zz, yy, xx = np.mgrid[:12, :64, :64]
+    nucleus = 100 + rng.normal(0, 2, zz.shape)
+    nucleus[(zz - 6) ** 2 * 4 + (yy - 20) ** 2 + (xx - 20) ** 2 <= 64] = 1000
+    nucleus[(np.abs(zz - 6) <= 2) & ((yy - 44) ** 2 + (xx - 44) ** 2 <= 64)] = 170
+
+    def everything_above_the_floor(images):
+        out = []
+        for im in images:
+            lab, _ = ndi.label(im[0] > 0.04)
+            insts = [
+                Instance2D(0.9, box[0].start, box[1].start, (lab[box] == k).astype(np.float32))
+                for k, box in enumerate(ndi.find_objects(lab), start=1)
+            ]
+            out.append(SlicePrediction(insts, None))
+        return out
+
+    def run(min_contrast):
+        return segment_volume(
+            nucleus.astype(np.float32), None, everything_above_the_floor, diameter_px=16,
+            canonical_px=16, config=InferenceConfig(min_contrast=min_contrast),
+        )  # fmt: skip
+
+    kept, filtered = run(0.0), run(0.1)
+    assert kept.cells.max() == 2
+    assert filtered.cells.max() == 1 and filtered.cells[6, 20, 20] == 1
+    assert filtered.info["dim_objects_dropped"] == 1
+
+
 def _ball_slices(n_z, centre_z, radius, centre_yx=(20, 20), shape=(40, 40)) -> np.ndarray:
     """Cross-sections of a sphere of ``radius`` slices at z = ``centre_z`` (2D disks)."""
     out = np.zeros((n_z, *shape), np.int32)
