@@ -435,3 +435,32 @@ def test_match_spots_is_one_to_one_within_radius():
     # physical scale: 0.3 um with 0.1 um pixels = 3 px
     assert match_spots(pred, true, max_distance=0.3, scale=(1, 0.1, 0.1)).tp == 1
     assert match_spots(np.zeros((0, 3)), true).recall == 0.0
+
+
+def _double(x):
+    return 2 * x
+
+
+def _map_in_child(queue):
+    from cellrna_pipeline.core.spots._threads import thread_map
+
+    queue.put(thread_map(_double, [(i,) for i in range(6)], 2))
+
+
+def test_kernel_threads_work_in_a_forked_child():
+    """Dagster's executors fork: the parent's pool threads do not exist in the child."""
+    import multiprocessing
+
+    from cellrna_pipeline.core.spots._threads import thread_map
+
+    assert thread_map(_double, [(i,) for i in range(6)], 2) == [0, 2, 4, 6, 8, 10]
+    if "fork" not in multiprocessing.get_all_start_methods():
+        pytest.skip("no fork on this platform")
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_map_in_child, args=(queue,))
+    child.start()
+    try:
+        assert queue.get(timeout=60) == [0, 2, 4, 6, 8, 10]
+    finally:
+        child.join(timeout=10)
