@@ -401,8 +401,9 @@ def fit_spots(
     min_amplitude : the detection threshold as a fitted amplitude (image units), one for
         all spots or ``(n,)``: every half of a split and every spot kept must reach it.
     settings : split and pruning parameters.
-    threads : for the split test's fits (default :func:`~cellrna_pipeline.core.device.
-        cpu_threads`); the result does not depend on it.
+    threads : for the refinement's sweeps and the split test's fits (default
+        :func:`~cellrna_pipeline.core.device.cpu_threads`); the result does not depend on
+        it.
 
     Returns
     -------
