@@ -65,8 +65,7 @@ def configure_cpu_threads(n: int | None = None) -> int:
     import torch
 
     if n is None:
-        env = os.environ.get(THREADS_ENV)
-        n = int(env) if env else max(1, len(os.sched_getaffinity(0)))
+        n = _threads_from_env(THREADS_ENV)
     if n < 1:
         raise InputError(f"thread count must be >= 1, got {n}")
     if torch.get_num_threads() != n:
@@ -77,10 +76,21 @@ def configure_cpu_threads(n: int | None = None) -> int:
 def cpu_threads() -> int:
     """Threads for the compiled CPU kernels: ``$CELLRNA_THREADS``, else the cores this
     process may run on."""
-    env = os.environ.get(KERNEL_THREADS_ENV)
-    n = int(env) if env else len(os.sched_getaffinity(0))
+    return _threads_from_env(KERNEL_THREADS_ENV)
+
+
+def _threads_from_env(name: str) -> int:
+    """The positive integer in ``$name``, else the cores this process may run on;
+    InputError naming the variable for anything else."""
+    env = os.environ.get(name, "").strip()
+    if not env:
+        return max(1, len(os.sched_getaffinity(0)))
+    try:
+        n = int(env)
+    except ValueError:
+        n = 0
     if n < 1:
-        raise InputError(f"{KERNEL_THREADS_ENV} must be >= 1, got {n}")
+        raise InputError(f"{name} must be a positive integer, got {env!r}")
     return n
 
 
