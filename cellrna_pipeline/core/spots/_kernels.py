@@ -757,6 +757,14 @@ def spot_voxels(
 
 
 @numba.njit(cache=_CACHE, nogil=True)
+def _cross(u: np.ndarray, v: np.ndarray, out: np.ndarray) -> None:
+    """``out = u x v`` for 3-vectors."""
+    out[0] = u[1] * v[2] - u[2] * v[1]
+    out[1] = u[2] * v[0] - u[0] * v[2]
+    out[2] = u[0] * v[1] - u[1] * v[0]
+
+
+@numba.njit(cache=_CACHE, nogil=True)
 def principal_axes(cov: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Largest eigenvalue ``(n,)`` and a unit eigenvector of it ``(n, 3)`` of symmetric
     ``(n, 3, 3)`` matrices, in closed form (trigonometric eigenvalues; the eigenvector as
@@ -795,9 +803,7 @@ def principal_axes(cov: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
                 scale = max(scale, abs(m[r, s]))
         top = 0.0
         for r, s in ((0, 1), (0, 2), (1, 2)):
-            c[0] = m[r, 1] * m[s, 2] - m[r, 2] * m[s, 1]
-            c[1] = m[r, 2] * m[s, 0] - m[r, 0] * m[s, 2]
-            c[2] = m[r, 0] * m[s, 1] - m[r, 1] * m[s, 0]
+            _cross(m[r], m[s], c)
             norm = c[0] ** 2 + c[1] ** 2 + c[2] ** 2
             if norm > top:
                 top = norm
@@ -818,9 +824,7 @@ def principal_axes(cov: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
                         k = s
                 c[:] = 0.0
                 c[k] = 1.0
-                best[0] = m[row, 1] * c[2] - m[row, 2] * c[1]
-                best[1] = m[row, 2] * c[0] - m[row, 0] * c[2]
-                best[2] = m[row, 0] * c[1] - m[row, 1] * c[0]
+                _cross(m[row], c, best)
         norm = math.sqrt(best[0] ** 2 + best[1] ** 2 + best[2] ** 2)
         for s in range(3):
             vectors[i, s] = best[s] / norm

@@ -195,9 +195,11 @@ def _candidates(
     suppression: list[tuple[int, int, int]],
     chunks: tuple[int, int, int],
     gate_sigma: float,
+    threads: int,
 ) -> tuple[BlockCandidates, float]:
     """Candidates of the whole image above ``gate_sigma`` (the lowest threshold any
-    later step uses) noise sigmas, and the noise sigma, one block or chunk by chunk.
+    later step uses) noise sigmas, and the noise sigma, one block or chunk by chunk
+    (a single block's band-pass on ``threads`` threads; chunks on dask's threads).
 
     A single block knows the image's noise; a chunk keeps the maxima above
     ``_CHUNK_FLOOR x gate_sigma`` of its own noise (so that memory does not grow with
@@ -217,7 +219,7 @@ def _candidates(
             suppression,
             gate_sigma,
             strides,
-            cpu_threads(),
+            threads,
         )
         return cand, cand.noise
 
@@ -307,7 +309,8 @@ def detect_spots(
         lowest = cfg.threshold_sigma
     else:
         lowest = min(cfg.faint_threshold_sigma, cfg.bright_threshold_sigma, _LOW_SIGMA)
-    cand, noise = _candidates(vol, filters, suppression, chunks, 0.999 * lowest)
+    threads = cpu_threads()  # the result does not depend on it
+    cand, noise = _candidates(vol, filters, suppression, chunks, 0.999 * lowest, threads)
     if not noise > 0:  # a constant image
         empty = pl.DataFrame(schema=DETECTION_SCHEMA)
         return SpotDetection(empty, float("inf"), 0.0, float("nan"), 0, sigma)
@@ -335,6 +338,7 @@ def detect_spots(
             reference=reference,
             threshold_sigma=t_sigma,
             cfg=cfg,
+            threads=threads,
         )
     floor = np.full(len(pos), t_sigma)  # each spot's threshold, in noise sigmas
     if cfg.threshold_sigma is None and len(pos):
@@ -343,7 +347,9 @@ def detect_spots(
         )
     n_split = 0
     if cfg.decompose and len(pos):
-        fitted = fit_spots(vol, pos, amp, sigma_vox=sigma, min_amplitude=floor * noise / unit)
+        fitted = fit_spots(
+            vol, pos, amp, sigma_vox=sigma, min_amplitude=floor * noise / unit, threads=threads
+        )
         pos, amp, floor = fitted.zyx, fitted.amplitude, fitted.min_amplitude * unit / noise
         zk = amp * unit / noise
         n_split = fitted.n_split
@@ -418,6 +424,7 @@ def _decompose(
     reference: float,
     threshold_sigma: float,
     cfg: SpotDetectionConfig,
+    threads: int,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
     """Replace the peaks of cluster blobs by the spots each blob holds."""
     order = np.argsort(-amp, kind="stable")
@@ -436,7 +443,7 @@ def _decompose(
         reference_amplitude=reference,
         reference_extent=point_extent(sigma),
         extent_ratio=cfg.cluster_extent_ratio,
-        threads=cpu_threads(),
+        threads=threads,
     )
     peak_flat = np.ravel_multi_index(tuple(peaks.T), shape)
     by_flat = np.argsort(peak_flat)
