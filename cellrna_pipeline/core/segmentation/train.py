@@ -344,6 +344,22 @@ def _volume_samples(
     """The canonical-scale slices of the dataset's ``i``-th cell or dense-nuclei volume."""
     if kind == "nuclei":
         return _dense_nuclei_samples(config, i, canonical_px=canonical_px, z_context=z_context)
+    return _cell_samples(config, i, canonical_px=canonical_px, z_context=z_context)
+
+
+def _canonical_size(nucleus: np.ndarray, canonical_px: float) -> tuple[int, int]:
+    """``(h, w)`` of a ``(z, h, w)`` nucleus stain rescaled so that its nuclei (size
+    estimated) are ``canonical_px`` across; at least 32 px."""
+    scale = canonical_px / estimate_diameter_px(nucleus)
+    h, w = nucleus.shape[-2:]
+    return max(32, round(h * scale)), max(32, round(w * scale))
+
+
+def _cell_samples(
+    config: DatasetConfig, i: int, *, canonical_px: float, z_context: int
+) -> list[TrainSample]:
+    """Canonical-scale slices of the dataset's ``i``-th cell volume (both stains): every
+    slice with a cell and up to ``empty_slices_per_volume`` without."""
     from cellrna_pipeline.core.synth import synthesize
 
     rng = np.random.default_rng([config.seed, i])
@@ -352,9 +368,8 @@ def _volume_samples(
     assert acq.image is not None
     nuc = acq.image[0, 0].astype(np.float32)
     cyt = acq.image[0, 1].astype(np.float32)
-    scale = canonical_px / estimate_diameter_px(nuc)
-    z, h, w = nuc.shape
-    size = (max(32, round(h * scale)), max(32, round(w * scale)))
+    size = _canonical_size(nuc, canonical_px)
+    z = nuc.shape[0]
     image = _resize_image(np.stack([normalize_percentile(nuc), normalize_percentile(cyt)]), size)
     cells = _resize_labels(acq.cells[0], size)
     nuclei = _resize_labels(acq.nuclei[0], size)
@@ -389,9 +404,8 @@ def _dense_nuclei_samples(
         )
     )
     nuc = acq.image.astype(np.float32)
-    scale = canonical_px / estimate_diameter_px(nuc)
-    z, h, w = nuc.shape
-    size = (max(32, round(h * scale)), max(32, round(w * scale)))
+    size = _canonical_size(nuc, canonical_px)
+    z = nuc.shape[0]
     full = [k for k in range(z) if acq.labels[k].any()]
     keep = sorted(
         {full[int(j)] for j in np.linspace(0, len(full) - 1, config.nuclei_slices_per_volume)}
