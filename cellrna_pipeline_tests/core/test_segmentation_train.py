@@ -297,3 +297,38 @@ def test_the_default_recipe_is_the_shipped_champions():
 
     shipped = Path(__file__).parents[2] / "model_registry" / "cell-maskrcnn"
     assert read_recipe(shipped) == TrainConfig()
+
+
+def test_the_experiment_recipes_differ_from_the_champions_only_where_documented():
+    """``benchmarks/recipes`` (docs/benchmarks/cells.md, "z-context 2") stay valid recipes,
+    each the champion's recipe with the documented changes."""
+    from pathlib import Path
+
+    from cellrna_pipeline.core.segmentation.train import read_recipe
+
+    root = Path(__file__).parents[2]
+    champion = read_recipe(root / "model_registry" / "cell-maskrcnn").model_dump()
+    changed = {
+        "cell-zc2-scratch.json": {"model.z_context"},
+        "cell-zc2-finetune.json": {
+            "model.z_context",
+            "steps",
+            "learning_rate",
+            "warmup_steps",
+            "validate_every",
+            "seed",
+            "data.seed",
+        },
+    }
+
+    def flat(d: dict, prefix: str = "") -> dict:
+        out = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
+        return out
+
+    base = flat(champion)
+    for name, keys in changed.items():
+        recipe = flat(read_recipe(root / "benchmarks" / "recipes" / name).model_dump())
+        assert {k for k in base if recipe[k] != base[k]} == keys, name
+        assert recipe["model.z_context"] == 2
