@@ -324,6 +324,31 @@ def test_object_contrast_against_the_background_around_each_object():
     )
 
 
+def test_nuclei_snap_to_the_half_way_edge_of_the_nucleus_stain():
+    from cellrna_pipeline.core.segmentation.inference import snap_nuclei_to_stain
+
+    yy, xx = np.mgrid[:40, :40]
+    disk = (yy - 20) ** 2 + (xx - 20) ** 2 <= 8**2
+    stain = np.where(disk, 0.9, 0.3).astype(np.float32)[None].repeat(3, 0)  # 3 slices
+    cells = np.zeros(stain.shape, np.int32)
+    cells[:, 4:36, 4:36] = 1
+    wide = ((yy - 20) ** 2 + (xx - 20) ** 2 <= 10**2)[None].repeat(3, 0)  # 2 px too wide
+    narrow = ((yy - 20) ** 2 + (xx - 20) ** 2 <= 7**2)[None].repeat(3, 0)  # 1 px too narrow
+    truth = disk[None].repeat(3, 0)
+    for predicted in (wide, narrow):
+        snapped = snap_nuclei_to_stain(cells, predicted, stain, reach_px=2)
+        iou = (snapped & truth).sum() / (snapped | truth).sum()
+        before = (predicted & truth).sum() / (predicted | truth).sum()
+        assert iou > 0.97 and before < 0.8
+    # beyond the reach the border stays near the prediction
+    far = ((yy - 20) ** 2 + (xx - 20) ** 2 <= 4**2)[None].repeat(3, 0)
+    assert snap_nuclei_to_stain(cells, far, stain, reach_px=1).sum() < disk.sum() * 3
+    # no step between nucleus and cytoplasm, or a cell without cytoplasm: unchanged
+    flat = np.full(stain.shape, 0.5, np.float32)
+    assert np.array_equal(snap_nuclei_to_stain(cells, wide, flat), wide & (cells > 0))
+    assert np.array_equal(snap_nuclei_to_stain(cells, cells > 0, stain), cells > 0)
+
+
 def test_dim_objects_are_dropped_from_a_volume():
     """A nucleus and a patch of out-of-focus light that a 2D model takes for a nucleus."""
     from scipy import ndimage as ndi
