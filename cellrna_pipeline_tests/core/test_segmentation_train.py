@@ -305,6 +305,7 @@ def test_the_experiment_recipes_differ_from_the_champions_only_where_documented(
     from pathlib import Path
 
     from cellrna_pipeline.core.segmentation.train import read_recipe
+    from cellrna_pipeline.integrations.mlflow_registry import _flat as flat
 
     root = Path(__file__).parents[2]
     champion = read_recipe(root / "model_registry" / "cell-maskrcnn").model_dump()
@@ -320,12 +321,6 @@ def test_the_experiment_recipes_differ_from_the_champions_only_where_documented(
             "data.seed",
         },
     }
-
-    def flat(d: dict, prefix: str = "") -> dict:
-        out = {}
-        for k, v in d.items():
-            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
-        return out
 
     base = flat(champion)
     for name, keys in changed.items():
