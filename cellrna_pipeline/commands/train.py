@@ -211,21 +211,14 @@ def _train_cells(args: argparse.Namespace) -> int:
         )
         if args.promote:
             from cellrna_pipeline.core.segmentation.evaluate import (
-                VALIDATION_SEED,
-                VALIDATION_VOLUMES,
                 compare_models,
-                dense_nuclei_volumes,
-                synthetic_volumes,
+                promotion_volumes,
             )
             from cellrna_pipeline.core.segmentation.model import load_model_folder
 
             champion = load_model_folder(registry.load_model_folder(CELL_MODEL).path)
-            comparison = compare_models(
-                result.model,
-                champion,
-                synthetic_volumes(VALIDATION_VOLUMES, seed=VALIDATION_SEED),
-                nuclei_volumes=dense_nuclei_volumes(VALIDATION_VOLUMES, seed=VALIDATION_SEED),
-            )
+            volumes, nuclei = promotion_volumes()
+            comparison = compare_models(result.model, champion, volumes, nuclei_volumes=nuclei)
             verdict = f"challenger {comparison.challenger_score:.4f} vs champion {comparison.champion_score:.4f}"
             if comparison.challenger_wins:
                 registry.promote(CELL_MODEL, version.version)

@@ -443,3 +443,22 @@ def test_watershed_assembly_separates_stacked_and_side_by_side_objects():
     assert instance_scores(np.where(pair > 0, pair, 0), out).ap50 == 1.0
     one = _ball_slices(12, 5.5, 6)
     assert watershed_slices(one, diameter_px=12.0).max() == 1
+
+
+def test_promotion_volumes_are_unseen_and_of_every_kind():
+    from cellrna_pipeline.core.segmentation.evaluate import VALIDATION_SEED, promotion_volumes
+
+    volumes, nuclei = promotion_volumes(
+        2, 1, shape_zyx=(8, 64, 64), nuclei_max_shape_zyx=(8, 64, 64)
+    )
+    names = [v.name for v in volumes]
+    assert names == [
+        f"synth seed {VALIDATION_SEED}",
+        f"synth seed {VALIDATION_SEED + 1}",
+        f"synth-random seed {VALIDATION_SEED * 1000}",
+        f"synth-random seed {VALIDATION_SEED * 1000 + 1}",
+    ]
+    assert all(v.nucleus is not None and v.cytoplasm is not None for v in volumes)
+    assert len(nuclei) == 1 and nuclei[0].cytoplasm is None
+    assert nuclei[0].nucleus is not None and nuclei[0].nucleus.shape[1:] == (64, 64)
+    assert nuclei[0].cells.max() > 0

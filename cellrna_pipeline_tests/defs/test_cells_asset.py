@@ -190,7 +190,12 @@ def test_training_asset_registers_a_challenger_and_the_check_decides(
                     }
                 },
                 "cell_segmentation_model_check_cell_segmentation_model_beats_champion": {
-                    "config": {"volumes": 1, "shape_zyx": small, "nuclei_max_shape_zyx": small}
+                    "config": {
+                        "volumes": 1,
+                        "shape_zyx": small,
+                        "nuclei_volumes": 1,
+                        "nuclei_max_shape_zyx": small,
+                    }
                 },
             }
         },

@@ -119,10 +119,12 @@ class AugmentConfig(StrictModel):
 class TrainConfig(StrictModel):
     """Everything that defines a training run (recorded with the model).
 
-    The defaults are the shipped champion's recipe (``model_registry/cell-maskrcnn``:
-    z-context 1, from scratch, 6500 steps, cell volumes and dense-nuclei volumes with
-    out-of-focus layers; a test keeps the two equal), so ``cellrna train cells`` and the
-    ``cell_segmentation_model`` asset train it again by default.
+    The defaults are the recipe of the shipped champion's starting weights
+    (``model_registry/cell-maskrcnn/init_recipe.json``: z-context 2, from scratch, 6500
+    steps, cell volumes and dense-nuclei volumes with out-of-focus layers; a test keeps the
+    two equal), so ``cellrna train cells`` and the ``cell_segmentation_model`` asset train
+    them again by default; the champion is those weights fine-tuned 3000 steps on new
+    volumes (the folder's own recipe, ``--recipe model_registry/cell-maskrcnn --init``).
     ``init_from``: a model folder whose weights start the run (fine-tuning; its weights
     must fit ``model``, whose training-only settings such as the tile size may differ,
     and a different ``z_context`` is widened by :func:`expand_z_context`); ``None``
@@ -140,7 +142,7 @@ class TrainConfig(StrictModel):
     checkpoint_every: int = 250
     val_slices: int = 48
     model: MaskRCNNConfig = MaskRCNNConfig(
-        z_context=1, input_size_px=160, box_batch_size_per_image=128
+        z_context=2, input_size_px=160, box_batch_size_per_image=128
     )
     data: DatasetConfig = DatasetConfig(
         n_volumes=64,

@@ -40,6 +40,10 @@ from cellrna_pipeline.core.io import (
     write_label_timepoint,
 )
 from cellrna_pipeline.core.preview import markdown_image
+from cellrna_pipeline.core.segmentation.evaluate import (
+    VALIDATION_NUCLEI_VOLUMES,
+    VALIDATION_VOLUMES,
+)
 from cellrna_pipeline.defs.partitions import parse_volume_key, volumes_partitions
 from cellrna_pipeline.defs.resources import DataRootResource
 
@@ -245,12 +249,13 @@ def _shape3(values: list[int]) -> tuple[int, int, int]:
 
 
 class PromotionCheckConfig(Config):
-    """Run config of the promotion check: validation volumes (unseen generator seeds)."""
+    """Run config of the promotion check: validation volumes (unseen generator seeds);
+    the defaults are ``cellrna train cells --promote``'s (``evaluate.promotion_volumes``)."""
 
-    volumes: int = Field(default=2, ge=1)
+    volumes: int = Field(default=VALIDATION_VOLUMES, ge=1)
     shape_zyx: list[int] = Field(default_factory=lambda: [32, 256, 256])
-    nuclei_volumes: int = Field(default=2, ge=0)
-    nuclei_max_shape_zyx: list[int] = Field(default_factory=lambda: [64, 256, 256])
+    nuclei_volumes: int = Field(default=VALIDATION_NUCLEI_VOLUMES, ge=0)
+    nuclei_max_shape_zyx: list[int] | None = None
 
 
 @asset(
@@ -330,17 +335,13 @@ def cell_segmentation_model(
     asset=cell_segmentation_model,
     blocking=True,
     description="Promotes the challenger to champion only if it scores higher than the champion "
-    "(mean of cell/nucleus AP@0.5 and nucleus/cytoplasm IoU) on unseen synthetic volumes.",
+    "(mean of cell/nucleus AP@0.5, nucleus/cytoplasm IoU and dense-nuclei AP@0.5) on unseen "
+    "synthetic volumes.",
 )
 def check_cell_segmentation_model_beats_champion(
     context: AssetCheckExecutionContext, config: PromotionCheckConfig, data_root: DataRootResource
 ) -> AssetCheckResult:
-    from cellrna_pipeline.core.segmentation.evaluate import (
-        VALIDATION_SEED,
-        compare_models,
-        dense_nuclei_volumes,
-        synthetic_volumes,
-    )
+    from cellrna_pipeline.core.segmentation.evaluate import compare_models, promotion_volumes
     from cellrna_pipeline.core.segmentation.model import load_model_folder
     from cellrna_pipeline.integrations.mlflow_registry import CELL_MODEL, CHALLENGER, MlflowRegistry
 
@@ -353,13 +354,12 @@ def check_cell_segmentation_model_beats_champion(
         return AssetCheckResult(passed=True, metadata={"reason": "challenger is already champion"})
     chal_model = load_model_folder(registry.load_model_folder(CELL_MODEL, CHALLENGER).path)
     champ_model = load_model_folder(registry.load_model_folder(CELL_MODEL).path)
-    volumes = synthetic_volumes(
-        config.volumes, seed=VALIDATION_SEED, shape_zyx=_shape3(config.shape_zyx)
-    )
-    nuclei = dense_nuclei_volumes(
+    crop = config.nuclei_max_shape_zyx
+    volumes, nuclei = promotion_volumes(
+        config.volumes,
         config.nuclei_volumes,
-        seed=VALIDATION_SEED,
-        max_shape_zyx=_shape3(config.nuclei_max_shape_zyx),
+        shape_zyx=_shape3(config.shape_zyx),
+        nuclei_max_shape_zyx=None if crop is None else _shape3(crop),
     )
     comparison = compare_models(chal_model, champ_model, volumes, nuclei_volumes=nuclei)
     if comparison.challenger_wins:
